@@ -1,0 +1,100 @@
+/*
+ * dmcore.h - the data-moving core of dmoverfs, as seen by the Python server.
+ *
+ * The server owns one dm_core (worker threads, bounce buffers, counters) and
+ * one dm_sess per session.  All dm_sess_* calls and dm_core_drain come from
+ * the server's event-loop thread; worker threads only complete requests.
+ *
+ * Life of a request: dm_sess_submit() decodes and validates it (reading the
+ * iovec arrays from the client with process_vm_readv), then either runs it at
+ * once (small requests) or queues it to a worker.  Its 16-byte response lands
+ * in the session's ring; workers announce sessions that gained responses
+ * through the core's eventfd, and dm_core_drain() lists them.  dm_sess_take()
+ * hands responses out in completion order.
+ *
+ * The block between the cdef markers is read verbatim by the cffi builder:
+ * it must stay plain declarations (no macros, no includes).
+ */
+#ifndef DMCORE_H
+#define DMCORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* cdef begin */
+typedef struct dm_core dm_core;
+typedef struct dm_sess dm_sess;
+
+/* Tunables fixed when the core is created. */
+struct dm_config {
+	unsigned workers;		/* worker threads, >= 1 */
+	size_t chunk_bytes;		/* bounce buffer per operand per worker */
+	size_t inline_bytes;		/* requests moving at most this run in the submitting thread */
+	uint64_t max_requests;		/* global cap on outstanding requests, 0 = none */
+	uint64_t max_meta_bytes;	/* global cap on decoded request metadata, 0 = none */
+};
+
+/* Counters per function, cumulative. */
+struct dm_func_stats {
+	uint64_t submitted;		/* accepted by dm_sess_submit */
+	uint64_t completed;		/* finished with resp_error == 0 */
+	uint64_t failed;		/* finished with resp_error != 0 */
+	uint64_t bytes;			/* bytes of output (or input, for no-output functions) */
+};
+
+/* Counters of the whole core. */
+struct dm_core_stats {
+	uint64_t outstanding;		/* accepted, response not yet taken */
+	uint64_t executing;		/* queued to or running on workers */
+	uint64_t meta_bytes;		/* decoded request metadata held now */
+	uint64_t inline_runs;		/* requests run in the submitting thread */
+	uint64_t worker_runs;		/* requests run by workers */
+	uint64_t refused_limits;	/* submissions refused by a global cap */
+};
+
+/* The function table. Indices are stable for the life of the process. */
+int dm_func_count(void);
+const char *dm_func_name(int func);
+int dm_func_ninputs(int func);		/* inputs the function takes */
+int dm_func_has_output(int func);	/* 1 if it needs an output buffer, 0 if it must have none */
+int dm_func_lookup(const char *name);	/* index, or -1 when unknown */
+
+/* Create the core; NULL with *err set (an errno) on failure. */
+dm_core *dm_core_new(const struct dm_config *cfg, int *err);
+/* Stop the workers and free everything, including sessions not yet freed. */
+void dm_core_free(dm_core *core);
+/* Readable when dm_core_drain has something to report. */
+int dm_core_eventfd(const dm_core *core);
+/* Ids of sessions that gained responses from workers since the last call. */
+size_t dm_core_drain(dm_core *core, uint64_t *ids, size_t max);
+void dm_core_stats(dm_core *core, struct dm_core_stats *out,
+    struct dm_func_stats *per_func, int nfunc);
+/* Which CRC32C / XOR kernels are in use, e.g. "crc32c=isa-l xor=isa-l". */
+const char *dm_core_kernels(const dm_core *core);
+
+/*
+ * A session serving the memory of process pid.  The session takes ownership
+ * of pidfd (a pidfd_open of pid, closed when the session is freed) and uses
+ * it to refuse to touch pid once that process has exited.
+ */
+dm_sess *dm_sess_new(dm_core *core, uint64_t id, int pid, int pidfd, unsigned depth);
+/* Drop the server's reference: unread responses are discarded, requests
+ * still executing finish harmlessly, the session is freed after the last. */
+void dm_sess_close(dm_sess *s);
+/* 0, or ESRCH for an unknown function, EBUSY when one is already set. */
+int dm_sess_setfunc(dm_sess *s, int func);
+/*
+ * Validate and start up to nreq packed struct dmio_usrreq (40 bytes each),
+ * stopping early when the session has depth requests outstanding.
+ * Returns the number accepted.  *err is 0, or the errno that stopped the
+ * request after the accepted ones (EINVAL, EFAULT, EPERM from validation;
+ * EAGAIN from a global cap; ENXIO when no function is set).
+ */
+size_t dm_sess_submit(dm_sess *s, const void *reqs, size_t nreq, int *err);
+/* Move up to max ready responses (16 bytes each) into resps; returns how many. */
+size_t dm_sess_take(dm_sess *s, void *resps, size_t max);
+/* Outstanding (accepted, not yet taken) and ready (completed, not yet taken). */
+void dm_sess_counts(dm_sess *s, unsigned *outstanding, unsigned *ready);
+/* cdef end */
+
+#endif /* DMCORE_H */

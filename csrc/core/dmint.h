@@ -1,0 +1,248 @@
+/*
+ * dmint.h - private structures of the core, shared by its source files.
+ *
+ * Locking: a session's fields are guarded by its mu unless noted; the core's
+ * session list, notify list and each session's notify links by core->mu; the
+ * worker queue by core->qmu.  Lock order: sess->mu, then core->mu.  The
+ * inline execution context (and the decode scratch in it) is used under
+ * core->submit_mu.  Counters are atomics.
+ */
+#ifndef DMINT_H
+#define DMINT_H
+
+#include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include <dev/dmover/dmover_io.h>
+#include "dmcore.h"
+
+#if IOV_MAX != 1024
+#error "the wire format assumes IOV_MAX == 1024 (Linux UIO_MAXIOV)"
+#endif
+
+#define DM_MAX_INPUTS	16		/* xor16 */
+#define DM_NBUF		(DM_MAX_INPUTS + 1)	/* bounce buffers per context */
+#define DM_ALIGN	64		/* bounce buffer alignment (ISA-L wants 32) */
+#define DM_CHUNK_MAX	((size_t)64 << 20)	/* bounce buffer size limit */
+#define DM_RW_MAX	((size_t)0x7ffff000)	/* Linux moves at most this per syscall */
+#define DM_XFER_MAX	((size_t)1 << 30)	/* bytes per pattern write syscall */
+_Static_assert(DM_NBUF * DM_CHUNK_MAX <= DM_RW_MAX, "a gather into every buffer fits one syscall");
+_Static_assert(DM_XFER_MAX <= DM_RW_MAX, "a pattern write fits one syscall");
+#define DM_NFUNCS	19		/* entries of the function table */
+#define DM_IMM		8		/* bytes of an immediate */
+
+struct dm_exec;
+struct dm_req;
+
+/*
+ * Run one decoded request whose function constraints already hold.  imm
+ * holds the request's immediate on entry and the response's on return.
+ * Returns 0 or the errno for resp_error.
+ */
+typedef int dm_run_fn(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM]);
+
+struct dm_func {
+	const char *name;
+	int ninputs;
+	bool has_output;
+	dm_run_fn *run;
+};
+
+const struct dm_func *dm_func_get(int func);	/* NULL when out of range */
+
+/* --- kernels.c ---------------------------------------------------------- */
+
+struct dm_kernels {
+	/* Advance a raw (not inverted) CRC32C register over n bytes. */
+	uint32_t (*crc)(const struct dm_kernels *k, uint32_t raw, const uint8_t *p, size_t n);
+	/* dst = src[0] ^ ... ^ src[nsrc-1]; all pointers DM_ALIGN-aligned. */
+	void (*xor)(const struct dm_kernels *k, uint8_t *dst, uint8_t *const *src, int nsrc, size_t n);
+	unsigned (*isal_crc)(unsigned char *buf, int len, unsigned init);
+	int (*isal_xor)(int vects, int len, void **array);
+	void *isal;			/* dlopen handle, or NULL */
+	uint32_t slice[8][256];		/* slicing-by-8 tables */
+	uint32_t shift[4][256];		/* raw register advanced over DM_CRC_LANE zero bytes */
+	char name[48];			/* what dm_core_kernels reports */
+};
+
+/* mode: NULL or "auto", "sse4.2" (no ISA-L), "portable".  0 or EINVAL. */
+int dm_kernels_init(struct dm_kernels *k, const char *mode);
+void dm_kernels_fini(struct dm_kernels *k);
+
+/* --- remote.c ------------------------------------------------------------ */
+
+/* The client process whose memory a session serves. */
+struct dm_peer {
+	int pid;
+	int pidfd;
+	atomic_bool gone;		/* it exited: never touch pid again */
+	atomic_bool cancel;		/* its session is closed: stop working for it */
+};
+
+/* A position in a client's iovec list (a local copy of it). */
+struct dm_rcur {
+	const struct iovec *iov;
+	size_t cnt;
+	size_t idx;
+	size_t off;
+};
+
+void dm_rcur_init(struct dm_rcur *c, const struct iovec *iov, size_t cnt);
+/* One process_vm_readv between x->loc[0..nloc) and x->rem[0..nrem): 0 when
+ * all bytes came, else the errno, *got saying how many did. */
+int dm_readv(struct dm_exec *x, struct dm_peer *p, size_t nloc, size_t nrem,
+    size_t bytes, size_t *got);
+/* Read len bytes from each of the n client lists under cur into dst[i]. */
+int dm_gather(struct dm_exec *x, struct dm_peer *p, struct dm_rcur *cur,
+    uint8_t *const *dst, int n, size_t len);
+/* Write len bytes to the client list under cur; the local data is the
+ * first unit bytes of src, repeated (unit >= len for a plain copy). */
+int dm_put(struct dm_exec *x, struct dm_peer *p, struct dm_rcur *cur,
+    const uint8_t *src, size_t unit, size_t len);
+
+/* --- exec.c -------------------------------------------------------------- */
+
+struct dm_ival {
+	uint64_t lo, hi;		/* [lo, hi) */
+};
+
+/* Everything one thread needs to run requests, allocated once. */
+struct dm_exec {
+	dm_core *core;
+	size_t chunk;
+	uint64_t budget;		/* bytes that may move before the pidfd is polled again */
+	uint8_t *buf[DM_NBUF];		/* chunk bytes each, DM_ALIGN-aligned */
+	void *mem;
+	struct iovec loc[IOV_MAX];	/* syscall scratch */
+	struct iovec rem[IOV_MAX];
+	/* decode scratch, used in the inline context only */
+	struct dm_ival ival[IOV_MAX];	/* overlap check */
+	uint8_t inbufs[IOV_MAX * sizeof(dmio_buffer)];	/* a window's dmio_buffers */
+	struct dm_req *win[IOV_MAX];	/* a window's decoded requests */
+};
+
+struct dm_exec *dm_exec_new(dm_core *core, size_t chunk);
+void dm_exec_free(struct dm_exec *x);
+/* Forget that the client was found alive: poll before the next transfer. */
+static inline void dm_exec_recheck(struct dm_exec *x) { x->budget = 0; }
+/* Run r (or report its constraint error) into *resp. */
+void dm_exec_run(struct dm_exec *x, const struct dm_req *r, struct dmio_usrresp *resp);
+
+dm_run_fn dm_run_zero, dm_run_fill8, dm_run_copy, dm_run_xor, dm_run_crc32c;
+
+/* --- decode.c ------------------------------------------------------------ */
+
+struct dm_list {
+	const struct iovec *iov;	/* inside the request's allocation */
+	uint32_t cnt;
+};
+
+/* A decoded, validated request: one allocation, iovec copies at the end. */
+struct dm_req {
+	struct dm_req *next;		/* worker queue */
+	dm_sess *sess;
+	const struct dm_func *fn;
+	int func;
+	int err;			/* function constraint error, found at submit */
+	uint32_t id;
+	uint8_t imm[DM_IMM];
+	size_t size;			/* of this allocation, counted in meta_bytes */
+	uint64_t total;			/* bytes of the output, and of each input */
+	uint64_t moved;			/* bytes read plus bytes written */
+	struct dm_list out;		/* cnt 0: no output */
+	struct dm_list in[];		/* fn->ninputs */
+};
+
+/* Most requests of function func that dm_decode takes at once. */
+size_t dm_decode_max(int func);
+/*
+ * Decode and validate n (<= dm_decode_max) consecutive 40-byte wire
+ * requests for function func of session s.  Returns how many leading ones
+ * are valid, in out[]; *err is the errno of the one after them, or 0.
+ */
+size_t dm_decode(struct dm_exec *x, dm_sess *s, int func, const unsigned char *wire,
+    size_t n, struct dm_req **out, int *err);
+void dm_req_free(dm_core *c, struct dm_req *r);
+
+/* --- sess.c -------------------------------------------------------------- */
+
+struct dm_sess {
+	dm_core *core;
+	uint64_t id;
+	struct dm_peer peer;
+	pthread_mutex_t mu;
+	int func;			/* -1 until set */
+	unsigned depth;
+	unsigned outstanding;		/* accepted, not yet taken */
+	unsigned ready;			/* responses in the ring */
+	unsigned head;			/* ring index of the oldest response */
+	unsigned refs;			/* server + queued/running requests */
+	bool dead;			/* closed by the server */
+	bool listed;			/* on the notify list (core->mu) */
+	dm_sess *nprev, *nnext;		/* notify list (core->mu) */
+	dm_sess *sprev, *snext;		/* all sessions (core->mu) */
+	struct dmio_usrresp ring[];	/* depth entries */
+};
+
+/* A worker finished r: deliver or discard its response, drop r's reference. */
+void dm_sess_finish(dm_sess *s, const struct dmio_usrresp *resp);
+/* Free a session (refs gone, or the core is going away). */
+void dm_sess_destroy(dm_sess *s);
+
+/* --- core.c -------------------------------------------------------------- */
+
+struct dm_fstats {
+	atomic_uint_fast64_t submitted, completed, failed, bytes;
+};
+
+struct dm_worker {
+	dm_core *core;
+	pthread_t tid;
+	struct dm_exec *x;
+};
+
+struct dm_core {
+	struct dm_config cfg;		/* chunk_bytes rounded up to DM_ALIGN */
+	struct dm_kernels kern;
+	const uint8_t *zeros;		/* chunk_bytes of read-only zeros */
+	int efd;
+	atomic_bool stopping;
+
+	pthread_mutex_t submit_mu;
+	struct dm_exec *inl;		/* the submitting thread's context */
+
+	pthread_mutex_t qmu;
+	pthread_cond_t qcv;
+	struct dm_req *qhead, **qtail;
+	unsigned nworkers;		/* started */
+	struct dm_worker *workers;
+
+	pthread_mutex_t mu;
+	dm_sess *sessions;
+	dm_sess *nhead, *ntail;
+
+	atomic_uint_fast64_t outstanding, executing, meta_bytes;
+	atomic_uint_fast64_t inline_runs, worker_runs, refused_limits;
+	struct dm_fstats fstats[DM_NFUNCS];
+};
+
+/* Link s into / out of the core's list of sessions. */
+void dm_core_attach(dm_core *c, dm_sess *s);
+void dm_core_detach(dm_core *c, dm_sess *s);
+/* Queue r to the workers (r holds a session reference). */
+void dm_core_enqueue(dm_core *c, struct dm_req *r);
+/* Put s on / take s off the notify list; call under s->mu.  Adding returns
+ * true when the list was empty (the eventfd then needs a signal). */
+bool dm_core_notify_add(dm_core *c, dm_sess *s);
+void dm_core_notify_del(dm_core *c, dm_sess *s);
+/* Make the eventfd readable. */
+void dm_core_signal(dm_core *c);
+/* Account a finished request. */
+void dm_core_count(dm_core *c, const struct dm_req *r, int err);
+
+#endif /* DMINT_H */

@@ -1,0 +1,160 @@
+/*
+ * exec.c - running one request through a context's bounce buffers.  Memory
+ * use is fixed per context whatever the request size: data moves chunk by
+ * chunk, each operand's scatter/gather list walked by its own cursor.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "dmint.h"
+
+struct dm_exec *
+dm_exec_new(dm_core *core, size_t chunk)
+{
+	struct dm_exec *x = calloc(1, sizeof(*x));
+
+	if (x == NULL)
+		return NULL;
+	x->core = core;
+	x->chunk = chunk;
+	/* chunk is a multiple of DM_ALIGN, at most DM_CHUNK_MAX: no overflow. */
+	x->mem = aligned_alloc(DM_ALIGN, DM_NBUF * chunk);
+	if (x->mem == NULL) {
+		free(x);
+		return NULL;
+	}
+	for (int i = 0; i < DM_NBUF; i++)
+		x->buf[i] = (uint8_t *)x->mem + (size_t)i * chunk;
+	return x;
+}
+
+void
+dm_exec_free(struct dm_exec *x)
+{
+	if (x == NULL)
+		return;
+	free(x->mem);
+	free(x);
+}
+
+void
+dm_exec_run(struct dm_exec *x, const struct dm_req *r, struct dmio_usrresp *resp)
+{
+	uint8_t imm[DM_IMM];
+	int err = r->err;
+
+	/* By default the immediate is echoed, as NetBSD hands back dreq_immediate. */
+	memcpy(imm, r->imm, DM_IMM);
+	if (err == 0)
+		err = r->fn->run(x, r, imm);
+	if (err != 0)
+		memset(imm, 0, DM_IMM);
+	resp->resp_id = r->id;
+	resp->resp_error = err;
+	memcpy(resp->resp_immediate, imm, DM_IMM);
+}
+
+int
+dm_run_zero(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
+{
+	struct dm_rcur out;
+
+	dm_rcur_init(&out, r->out.iov, r->out.cnt);
+	return dm_put(x, &r->sess->peer, &out, x->core->zeros, x->chunk, r->total);
+}
+
+int
+dm_run_fill8(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
+{
+	struct dm_rcur out;
+	size_t unit = r->total < x->chunk ? (size_t)r->total : x->chunk;
+
+	memset(x->buf[0], imm[0], unit);
+	dm_rcur_init(&out, r->out.iov, r->out.cnt);
+	return dm_put(x, &r->sess->peer, &out, x->buf[0], unit, r->total);
+}
+
+/* Work on one chunk of k bytes gathered into x->buf[0..nin); returns the
+ * bytes to write to the output, or NULL when the function has none. */
+typedef const uint8_t *dm_chunk_fn(struct dm_exec *x, int nin, size_t k, void *state);
+
+static int
+stream(struct dm_exec *x, const struct dm_req *r, dm_chunk_fn *fn, void *state)
+{
+	struct dm_peer *p = &r->sess->peer;
+	struct dm_rcur in[DM_MAX_INPUTS], out;
+	int nin = r->fn->ninputs;
+
+	for (int i = 0; i < nin; i++)
+		dm_rcur_init(&in[i], r->in[i].iov, r->in[i].cnt);
+	dm_rcur_init(&out, r->out.iov, r->out.cnt);
+	for (uint64_t done = 0; done < r->total;) {
+		size_t k = r->total - done < x->chunk ? (size_t)(r->total - done) : x->chunk;
+		const uint8_t *res;
+		int err = dm_gather(x, p, in, x->buf, nin, k);
+
+		if (err != 0)
+			return err;
+		res = fn(x, nin, k, state);
+		if (res != NULL && (err = dm_put(x, p, &out, res, k, k)) != 0)
+			return err;
+		done += k;
+	}
+	return 0;
+}
+
+static const uint8_t *
+copy_chunk(struct dm_exec *x, int nin, size_t k, void *state)
+{
+	return x->buf[0];
+}
+
+int
+dm_run_copy(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
+{
+	return stream(x, r, copy_chunk, NULL);
+}
+
+static const uint8_t *
+xor_chunk(struct dm_exec *x, int nin, size_t k, void *state)
+{
+	const struct dm_kernels *kern = &x->core->kern;
+	uint8_t *dst = x->buf[DM_MAX_INPUTS];
+
+	kern->xor(kern, dst, x->buf, nin, k);
+	return dst;
+}
+
+int
+dm_run_xor(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
+{
+	return stream(x, r, xor_chunk, NULL);
+}
+
+static const uint8_t *
+crc_chunk(struct dm_exec *x, int nin, size_t k, void *state)
+{
+	const struct dm_kernels *kern = &x->core->kern;
+	uint32_t *raw = state;
+
+	*raw = kern->crc(kern, *raw, x->buf[0], k);
+	return NULL;
+}
+
+int
+dm_run_crc32c(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
+{
+	/* The immediate is the CRC so far; invert it back into the raw register. */
+	uint32_t raw = ~((uint32_t)imm[0] | (uint32_t)imm[1] << 8 |
+	    (uint32_t)imm[2] << 16 | (uint32_t)imm[3] << 24);
+	int err = stream(x, r, crc_chunk, &raw);
+
+	if (err == 0) {
+		uint32_t crc = ~raw;
+
+		for (int i = 0; i < 4; i++)
+			imm[i] = (uint8_t)(crc >> (8 * i));
+		memset(imm + 4, 0, DM_IMM - 4);
+	}
+	return err;
+}

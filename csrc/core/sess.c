@@ -1,0 +1,252 @@
+/*
+ * sess.c - sessions: the response ring, submission, hand-out, reference
+ * counting and close.
+ *
+ * outstanding counts accepted requests whose responses were not taken;
+ * since ready <= outstanding <= depth, a ring of depth entries never
+ * overflows.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "dmint.h"
+
+dm_sess *
+dm_sess_new(dm_core *core, uint64_t id, int pid, int pidfd, unsigned depth)
+{
+	dm_sess *s;
+
+	/* Without a pidfd a reused pid could not be told apart: refuse. */
+	if (core == NULL || pidfd < 0 || pid <= 0 || depth == 0)
+		return NULL;
+	s = calloc(1, sizeof(*s) + (size_t)depth * sizeof(s->ring[0]));
+	if (s == NULL)
+		return NULL;
+	s->core = core;
+	s->id = id;
+	s->peer.pid = pid;
+	s->peer.pidfd = pidfd;
+	atomic_init(&s->peer.gone, false);
+	atomic_init(&s->peer.cancel, false);
+	pthread_mutex_init(&s->mu, NULL);
+	s->func = -1;
+	s->depth = depth;
+	s->refs = 1;
+	dm_core_attach(core, s);
+	return s;
+}
+
+void
+dm_sess_destroy(dm_sess *s)
+{
+	dm_core_detach(s->core, s);
+	close(s->peer.pidfd);
+	pthread_mutex_destroy(&s->mu);
+	free(s);
+}
+
+void
+dm_sess_close(dm_sess *s)
+{
+	dm_core *c = s->core;
+	unsigned dropped;
+	bool last;
+
+	pthread_mutex_lock(&s->mu);
+	s->dead = true;
+	atomic_store(&s->peer.cancel, true);
+	dropped = s->ready;
+	s->outstanding -= dropped;
+	s->ready = 0;
+	dm_core_notify_del(c, s);
+	last = --s->refs == 0;
+	pthread_mutex_unlock(&s->mu);
+	atomic_fetch_sub(&c->outstanding, dropped);
+	if (last)
+		dm_sess_destroy(s);
+}
+
+int
+dm_sess_setfunc(dm_sess *s, int func)
+{
+	int err = 0;
+
+	pthread_mutex_lock(&s->mu);
+	if (s->func >= 0)
+		err = EBUSY;
+	else if (dm_func_get(func) == NULL)
+		err = ESRCH;
+	else
+		s->func = func;
+	pthread_mutex_unlock(&s->mu);
+	return err;
+}
+
+/* Call under s->mu. */
+static void
+ring_push(dm_sess *s, const struct dmio_usrresp *resp)
+{
+	s->ring[(s->head + s->ready) % s->depth] = *resp;
+	s->ready++;
+}
+
+void
+dm_sess_finish(dm_sess *s, const struct dmio_usrresp *resp)
+{
+	dm_core *c = s->core;
+	bool signal = false, last;
+
+	pthread_mutex_lock(&s->mu);
+	if (s->dead) {
+		s->outstanding--;
+		atomic_fetch_sub(&c->outstanding, 1);
+	} else {
+		ring_push(s, resp);
+		signal = dm_core_notify_add(c, s);
+	}
+	last = --s->refs == 0;
+	pthread_mutex_unlock(&s->mu);
+	if (signal)
+		dm_core_signal(c);
+	if (last)
+		dm_sess_destroy(s);
+}
+
+/* Count one more outstanding request against the global cap. */
+static int
+reserve_global(dm_core *c)
+{
+	uint64_t cap = c->cfg.max_requests;
+
+	if (atomic_fetch_add(&c->outstanding, 1) >= cap && cap != 0) {
+		atomic_fetch_sub(&c->outstanding, 1);
+		atomic_fetch_add(&c->refused_limits, 1);
+		return EAGAIN;
+	}
+	return 0;
+}
+
+static void
+run_inline(dm_core *c, struct dm_exec *x, struct dm_req *r)
+{
+	dm_sess *s = r->sess;
+	struct dmio_usrresp resp;
+
+	dm_exec_run(x, r, &resp);
+	dm_core_count(c, r, resp.resp_error);
+	dm_req_free(c, r);
+	atomic_fetch_add(&c->inline_runs, 1);
+	/* The caller checks the counts itself: no notification. */
+	pthread_mutex_lock(&s->mu);
+	ring_push(s, &resp);
+	pthread_mutex_unlock(&s->mu);
+}
+
+/* Start an accepted request: at once when small, else on a worker. */
+static void
+start(dm_core *c, struct dm_exec *x, struct dm_req *r)
+{
+	dm_sess *s = r->sess;
+
+	pthread_mutex_lock(&s->mu);
+	s->outstanding++;
+	if (r->moved > c->cfg.inline_bytes)
+		s->refs++;
+	pthread_mutex_unlock(&s->mu);
+	atomic_fetch_add(&c->fstats[r->func].submitted, 1);
+	if (r->moved <= c->cfg.inline_bytes) {
+		run_inline(c, x, r);
+	} else {
+		atomic_fetch_add(&c->executing, 1);
+		dm_core_enqueue(c, r);
+	}
+}
+
+size_t
+dm_sess_submit(dm_sess *s, const void *reqs, size_t nreq, int *err)
+{
+	dm_core *c = s->core;
+	const unsigned char *wire = reqs;
+	struct dm_exec *x;
+	size_t n = 0;
+	int func, e = 0;
+
+	pthread_mutex_lock(&s->mu);
+	func = s->func;
+	pthread_mutex_unlock(&s->mu);
+	if (func < 0) {
+		*err = ENXIO;
+		return 0;
+	}
+
+	pthread_mutex_lock(&c->submit_mu);
+	x = c->inl;
+	dm_exec_recheck(x);	/* the client may have exited since the last call */
+	/* Window by window.  Only submit (serialised by submit_mu) adds to
+	 * outstanding, so the room seen here is still there at start(). */
+	while (n < nreq && e == 0) {
+		size_t room, want, k, i;
+
+		pthread_mutex_lock(&s->mu);
+		room = s->depth - s->outstanding;
+		pthread_mutex_unlock(&s->mu);
+		want = nreq - n;
+		if (want > room)
+			want = room;
+		if (want > dm_decode_max(func))
+			want = dm_decode_max(func);
+		if (want == 0)
+			break;
+		k = dm_decode(x, s, func, wire + n * sizeof(struct dmio_usrreq), want, x->win, &e);
+		for (i = 0; i < k; i++) {
+			int ge = reserve_global(c);
+
+			if (ge != 0) {
+				for (size_t j = i; j < k; j++)
+					dm_req_free(c, x->win[j]);
+				e = ge;
+				break;
+			}
+			start(c, x, x->win[i]);
+		}
+		n += i;
+	}
+	pthread_mutex_unlock(&c->submit_mu);
+	*err = e;
+	return n;
+}
+
+size_t
+dm_sess_take(dm_sess *s, void *resps, size_t max)
+{
+	struct dmio_usrresp *out = resps;
+	size_t n, first;
+
+	pthread_mutex_lock(&s->mu);
+	n = s->ready < max ? s->ready : max;
+	if (n > 0) {
+		/* At most two runs: to the end of the ring, then from its start. */
+		first = s->depth - s->head < n ? s->depth - s->head : n;
+		memcpy(out, &s->ring[s->head], first * sizeof(*out));
+		memcpy(out + first, &s->ring[0], (n - first) * sizeof(*out));
+		s->head = (unsigned)((s->head + n) % s->depth);
+		s->ready -= (unsigned)n;
+		s->outstanding -= (unsigned)n;
+	}
+	pthread_mutex_unlock(&s->mu);
+	atomic_fetch_sub(&s->core->outstanding, n);
+	return n;
+}
+
+void
+dm_sess_counts(dm_sess *s, unsigned *outstanding, unsigned *ready)
+{
+	pthread_mutex_lock(&s->mu);
+	if (outstanding != NULL)
+		*outstanding = s->outstanding;
+	if (ready != NULL)
+		*ready = s->ready;
+	pthread_mutex_unlock(&s->mu);
+}

@@ -1,0 +1,1229 @@
+"""Unit tests of the C core (dmoverfs._core), driven in-process through cffi.
+
+The module is built once per test session from csrc/ into a temporary
+directory.  The client is this very process: requests point into numpy
+buffers here, and the core reaches them with process_vm_readv/writev on
+os.getpid().  Oracles are independent of the core: plain Python for
+zero/fill/copy, numpy for XOR, google_crc32c and the RFC 3720 vectors for
+CRC32C.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import importlib.machinery
+import importlib.util
+import mmap
+import os
+import re
+import select
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import google_crc32c
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+REPO = Path(__file__).resolve().parent.parent
+REQ = struct.Struct("<QI4x8sQI4x")  # struct dmio_usrreq
+RESP = struct.Struct("<Ii8s")  # struct dmio_usrresp
+DMBUF = struct.Struct("<QI4x")  # dmio_buffer
+IOV_MAX = 1024
+SSIZE_MAX = 2**63 - 1
+UNMAPPED = 0x100  # in page 0, which nothing maps
+GUARD = 0xA5  # fill of the gaps around scattered pieces
+
+Segment = tuple[int, int]  # (address, length)
+
+XOR_FUNCS = [f"xor{n}" for n in range(2, 17)]
+ALL_FUNCS = ["zero", "fill8", "copy", *XOR_FUNCS, "iscsi-crc32c"]
+
+
+# --- building and loading the module ----------------------------------------
+
+
+def _builder():
+    spec = importlib.util.spec_from_file_location("dmoverfs_build_core", REPO / "csrc" / "build_core.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_core_module(path: Path):
+    """Import a built _core extension from an arbitrary path."""
+    loader = importlib.machinery.ExtensionFileLoader("_core", str(path))
+    spec = importlib.util.spec_from_file_location("_core", str(path), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def core_so(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("core-build")
+    return Path(_builder().make_builder().compile(tmpdir=str(tmp)))
+
+
+@pytest.fixture(scope="session")
+def cm(core_so):
+    return load_core_module(core_so)
+
+
+# --- wrappers around the C API ----------------------------------------------
+
+
+class Resp(NamedTuple):
+    id: int
+    error: int
+    imm: bytes
+
+
+class Core:
+    """One dm_core, created with the given tunables and kernel choice."""
+
+    def __init__(self, cm, *, workers=2, chunk=256 << 10, inline=64 << 10, max_requests=0, max_meta=0, kernels=None):
+        self.cm, self.ffi, self.lib = cm, cm.ffi, cm.lib
+        cfg = self.ffi.new(
+            "struct dm_config *",
+            dict(
+                workers=workers,
+                chunk_bytes=chunk,
+                inline_bytes=inline,
+                max_requests=max_requests,
+                max_meta_bytes=max_meta,
+            ),
+        )
+        err = self.ffi.new("int *")
+        saved = os.environ.pop("DMOVERFS_KERNELS", None)
+        if kernels is not None:
+            os.environ["DMOVERFS_KERNELS"] = kernels
+        try:
+            ptr = self.lib.dm_core_new(cfg, err)
+        finally:
+            os.environ.pop("DMOVERFS_KERNELS", None)
+            if saved is not None:
+                os.environ["DMOVERFS_KERNELS"] = saved
+        if ptr == self.ffi.NULL:
+            raise OSError(err[0], os.strerror(err[0]))
+        self.ptr = ptr
+        self.sessions: list[Sess] = []
+        self._next_id = 1
+
+    def free(self) -> None:
+        if self.ptr is not None:
+            self.lib.dm_core_free(self.ptr)
+            self.ptr = None
+            for s in self.sessions:
+                s.ptr = None  # freed with the core
+
+    @property
+    def eventfd(self) -> int:
+        return self.lib.dm_core_eventfd(self.ptr)
+
+    @property
+    def kernels(self) -> str:
+        return self.ffi.string(self.lib.dm_core_kernels(self.ptr)).decode()
+
+    def session(self, func: str | None, depth: int = 64, pid: int | None = None, pidfd: int | None = None) -> Sess:
+        pid = os.getpid() if pid is None else pid
+        pidfd = os.pidfd_open(pid) if pidfd is None else pidfd
+        sid = self._next_id
+        self._next_id += 1
+        ptr = self.lib.dm_sess_new(self.ptr, sid, pid, pidfd, depth)
+        if ptr == self.ffi.NULL:
+            os.close(pidfd)
+            raise OSError(errno.ENOMEM, "dm_sess_new failed")
+        s = Sess(self, ptr, sid)
+        self.sessions.append(s)
+        if func is not None:
+            assert s.setfunc(func) == 0
+        return s
+
+    def drain(self, max_ids: int = 64) -> list[int]:
+        ids = self.ffi.new("uint64_t[]", max_ids)
+        n = self.lib.dm_core_drain(self.ptr, ids, max_ids)
+        return list(ids[0:n])
+
+    def stats(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        total = self.ffi.new("struct dm_core_stats *")
+        nfunc = self.lib.dm_func_count()
+        per = self.ffi.new("struct dm_func_stats[]", nfunc)
+        self.lib.dm_core_stats(self.ptr, total, per, nfunc)
+        core = {k: getattr(total, k) for k in ("outstanding", "executing", "meta_bytes", "inline_runs", "worker_runs", "refused_limits")}
+        funcs = {
+            self.ffi.string(self.lib.dm_func_name(i)).decode(): {
+                k: getattr(per[i], k) for k in ("submitted", "completed", "failed", "bytes")
+            }
+            for i in range(nfunc)
+        }
+        return core, funcs
+
+    def idle(self) -> bool:
+        core, _ = self.stats()
+        return core["outstanding"] == core["executing"] == core["meta_bytes"] == 0
+
+    def wait_idle(self) -> dict[str, int]:
+        """Until nothing is outstanding, executing or held; the final counters."""
+        until(self.idle, "the core never became idle")
+        return self.stats()[0]
+
+
+class Sess:
+    """One dm_sess of a Core."""
+
+    def __init__(self, core: Core, ptr, sid: int) -> None:
+        self.core, self.ptr, self.id = core, ptr, sid
+        self.lib, self.ffi = core.lib, core.ffi
+
+    def setfunc(self, func: str | int) -> int:
+        index = func if isinstance(func, int) else self.lib.dm_func_lookup(func.encode())
+        return self.lib.dm_sess_setfunc(self.ptr, index)
+
+    def submit(self, reqs: Sequence[bytes]) -> tuple[int, int]:
+        """(accepted, errno)."""
+        err = self.ffi.new("int *")
+        data = b"".join(reqs)
+        n = self.lib.dm_sess_submit(self.ptr, data, len(reqs), err)
+        return n, err[0]
+
+    def take(self, max_resps: int = 1 << 16) -> list[Resp]:
+        buf = self.ffi.new("char[]", max_resps * RESP.size)
+        n = self.lib.dm_sess_take(self.ptr, buf, max_resps)
+        raw = self.ffi.unpack(buf, n * RESP.size)
+        return [Resp(*RESP.unpack_from(raw, i * RESP.size)) for i in range(n)]
+
+    def counts(self) -> tuple[int, int]:
+        """(outstanding, ready)."""
+        c = self.ffi.new("unsigned[2]")
+        self.lib.dm_sess_counts(self.ptr, c, c + 1)
+        return c[0], c[1]
+
+    def close(self) -> None:
+        if self.ptr is not None:
+            self.lib.dm_sess_close(self.ptr)
+            self.ptr = None
+
+    def wait(self, n: int, timeout: float = 60.0) -> None:
+        """Until n responses are ready.  Worker completions must be announced
+        on the eventfd: this waits on it, never on the counts alone."""
+        deadline = time.monotonic() + timeout
+        while self.counts()[1] < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"session {self.id}: {self.counts()} after {timeout}s, wanted {n} ready")
+            readable, _, _ = select.select([self.core.eventfd], [], [], left)
+            if readable:
+                self.core.drain()
+
+    def run(self, reqs: Sequence[bytes]) -> dict[int, Resp]:
+        """Submit everything, wait, take: responses by request id."""
+        assert self.submit(reqs) == (len(reqs), 0)
+        self.wait(len(reqs))
+        resps = self.take()
+        assert len(resps) == len(reqs)
+        assert self.counts() == (0, 0)
+        return {r.id: r for r in resps}
+
+
+@pytest.fixture
+def make_core(cm):
+    """Factory of cores, all freed at the end of the test."""
+    cores: list[Core] = []
+
+    def make(**kw) -> Core:
+        core = Core(cm, **kw)
+        cores.append(core)
+        return core
+
+    yield make
+    for core in cores:
+        for s in core.sessions:
+            s.close()
+        core.free()
+
+
+# --- client memory ----------------------------------------------------------
+
+
+class Mem:
+    """Buffers, iovec arrays and dmio_buffer arrays in this process, kept alive."""
+
+    def __init__(self) -> None:
+        self._keep: list[np.ndarray] = []
+
+    def buf(self, size_or_data) -> np.ndarray:
+        if isinstance(size_or_data, int):
+            arr = np.zeros(size_or_data, dtype=np.uint8)
+        else:
+            arr = np.frombuffer(bytes(size_or_data), dtype=np.uint8).copy()
+        self._keep.append(arr)
+        return arr
+
+    def iovecs(self, segs: Sequence[Segment]) -> int:
+        arr = np.array(list(segs) or [(0, 0)], dtype=np.uint64).reshape(-1, 2)
+        self._keep.append(arr)
+        return arr.ctypes.data
+
+    def dmbufs(self, lists: Sequence[tuple[int, int]]) -> int:
+        """Address of an array of dmio_buffer {iov address, iovcnt}."""
+        raw = b"".join(DMBUF.pack(a, n) for a, n in lists)
+        return self.buf(raw or b"\0" * DMBUF.size).ctypes.data
+
+    def request(self, out: Sequence[Segment] | None = None, ins: Sequence[Sequence[Segment]] = (), imm: bytes = b"", req_id: int = 0) -> bytes:
+        out_iov = self.iovecs(out) if out else 0
+        inbuf = self.dmbufs([(self.iovecs(segs), len(segs)) for segs in ins]) if ins else 0
+        return pack_req(out_iov, len(out) if out else 0, imm, inbuf, req_id)
+
+
+def pack_req(out_iov: int = 0, out_cnt: int = 0, imm: bytes = b"", inbuf: int = 0, req_id: int = 0) -> bytes:
+    return REQ.pack(out_iov, out_cnt, imm.ljust(8, b"\0"), inbuf, req_id)
+
+
+def addr(arr: np.ndarray) -> int:
+    return arr.ctypes.data
+
+
+def whole(arr: np.ndarray) -> list[Segment]:
+    return [(addr(arr), arr.nbytes)]
+
+
+class Region:
+    """A logical byte range stored as randomly cut pieces of one buffer,
+    placed in shuffled order with guard bytes between them."""
+
+    def __init__(self, mem: Mem, rng: np.random.Generator, size: int, max_pieces: int = 16) -> None:
+        k = int(rng.integers(1, max_pieces + 1))
+        cuts = np.sort(rng.integers(0, size + 1, k - 1))
+        self.lens = np.diff(np.concatenate(([0], cuts, [size]))).astype(np.int64)
+        self.offs = np.zeros(k, dtype=np.int64)
+        pos = int(rng.integers(1, 64))
+        for piece in rng.permutation(k):
+            self.offs[piece] = pos
+            pos += int(self.lens[piece]) + int(rng.integers(1, 64))
+        self.backing = mem.buf(pos)
+        self.backing[:] = GUARD
+        self.inside = np.zeros(pos, dtype=bool)
+        for o, n in zip(self.offs, self.lens):
+            self.inside[o : o + n] = True
+        base = addr(self.backing)
+        self.segs = [(base + int(o), int(n)) for o, n in zip(self.offs, self.lens)]
+
+    def read(self) -> np.ndarray:
+        return np.concatenate([self.backing[o : o + n] for o, n in zip(self.offs, self.lens)])
+
+    def write(self, data: np.ndarray) -> None:
+        pos = 0
+        for o, n in zip(self.offs, self.lens):
+            self.backing[o : o + n] = data[pos : pos + n]
+            pos += n
+
+    def guards_intact(self) -> bool:
+        return bool(np.all(self.backing[~self.inside] == GUARD))
+
+
+def random_bytes(rng: np.random.Generator, size: int) -> np.ndarray:
+    return rng.integers(0, 256, size, dtype=np.uint8)
+
+
+def le32(value: int) -> bytes:
+    return struct.pack("<I", value)
+
+
+def until(predicate, what: str, timeout: float = 60.0) -> None:
+    """Poll predicate; fail (never hang) if it stays false."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(what)
+        time.sleep(0.001)
+
+
+def assert_consistent(core: Core) -> None:
+    """Nothing held, and every submitted request accounted for exactly once."""
+    stats, funcs = core.stats()
+    assert (stats["outstanding"], stats["executing"], stats["meta_bytes"]) == (0, 0, 0)
+    for name, f in funcs.items():
+        assert f["submitted"] == f["completed"] + f["failed"], name
+
+
+PATHS = {"inline": 1 << 62, "worker": 0}  # inline_bytes that forces each path
+SMALL_CHUNK = 4160  # no power of two: chunk edges fall everywhere in the lists
+# Empty, tiny, odd, over a small chunk, over several rounds of the 3-lane
+# SSE4.2 CRC loop (3 x 2 KiB), several MiB.
+SIZES = [0, 1, 7, 4096, 4159, SMALL_CHUNK * 3 + 5, 3 * 2048 * 5 + 13, (3 << 20) + 3]
+
+
+# --- the function table -----------------------------------------------------
+
+
+def test_function_table_is_stable(cm):
+    lib, ffi = cm.lib, cm.ffi
+    assert lib.dm_func_count() == len(ALL_FUNCS)
+    for i, name in enumerate(ALL_FUNCS):
+        assert ffi.string(lib.dm_func_name(i)).decode() == name
+        assert lib.dm_func_lookup(name.encode()) == i
+    assert [lib.dm_func_ninputs(i) for i in range(len(ALL_FUNCS))] == [0, 0, 1, *range(2, 17), 1]
+    assert [lib.dm_func_has_output(i) for i in range(len(ALL_FUNCS))] == [1] * 18 + [0]
+    assert lib.dm_func_lookup(b"xor17") == -1
+    assert lib.dm_func_lookup(b"") == -1
+    assert lib.dm_func_name(len(ALL_FUNCS)) == ffi.NULL
+    assert lib.dm_func_name(-1) == ffi.NULL
+
+
+# --- core creation and kernels ----------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [dict(workers=0), dict(chunk=0), dict(chunk=(64 << 20) + 1)])
+def test_core_rejects_bad_config(make_core, bad):
+    with pytest.raises(OSError) as exc:
+        make_core(**bad)
+    assert exc.value.errno == errno.EINVAL
+
+
+def test_core_rejects_unknown_kernel_choice(make_core):
+    with pytest.raises(OSError) as exc:
+        make_core(kernels="turbo")
+    assert exc.value.errno == errno.EINVAL
+
+
+def _cpu_has(flag: str) -> bool:
+    text = Path("/proc/cpuinfo").read_text()
+    return re.search(rf"^flags\s*:.*\b{flag}\b", text, re.M) is not None
+
+
+KERNELS = ["auto", "sse4.2", "portable"]
+
+
+def expected_kernels(choice: str) -> str:
+    if choice == "portable":
+        return r"crc32c=portable xor=portable"
+    if choice == "sse4.2":
+        return r"crc32c=sse4\.2 xor=portable" if _cpu_has("sse4_2") else r"crc32c=portable xor=portable"
+    return r"crc32c=(isa-l|sse4\.2|portable) xor=(isa-l|portable)"
+
+
+@pytest.mark.parametrize("choice", KERNELS)
+def test_kernels_reported(make_core, choice):
+    core = make_core(kernels=choice)
+    assert re.fullmatch(expected_kernels(choice), core.kernels)
+
+
+def test_isal_used_when_installed(make_core):
+    try:
+        ctypes.CDLL("libisal.so.2")
+    except OSError:
+        pytest.fail("libisal.so.2 is expected on the test machines (scripts/setup installs libisal2)")
+    assert make_core().kernels == "crc32c=isa-l xor=isa-l"
+
+
+# --- CRC32C -----------------------------------------------------------------
+
+RFC3720 = [
+    (bytes(32), 0x8A9136AA),
+    (b"\xff" * 32, 0x62A8AB43),
+    (bytes(range(32)), 0x46DD794E),
+    (bytes(range(31, -1, -1)), 0x113FDB5C),
+    (b"123456789", 0xE3069283),
+]
+
+
+@pytest.mark.parametrize("choice", KERNELS)
+@pytest.mark.parametrize("data,expected", RFC3720)
+def test_crc32c_published_vectors(make_core, choice, data, expected):
+    mem = Mem()
+    s = make_core(kernels=choice).session("iscsi-crc32c")
+    buf = mem.buf(data)
+    # Bytes 4..7 of the immediate are not part of the seed.
+    r = s.run([mem.request(ins=[whole(buf)], imm=b"\0\0\0\0junk", req_id=9)])[9]
+    assert r.error == 0
+    assert r.imm == le32(expected) + bytes(4)
+    assert google_crc32c.value(data) == expected
+
+
+@pytest.mark.parametrize("choice", KERNELS)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("chunk", [SMALL_CHUNK, 256 << 10])
+def test_crc32c_against_google_crc32c(make_core, choice, path, chunk):
+    rng = np.random.default_rng(1)
+    mem = Mem()
+    core = make_core(kernels=choice, chunk=chunk, inline=PATHS[path])
+    s = core.session("iscsi-crc32c")
+    reqs, want = [], {}
+    for i, size in enumerate(SIZES):
+        region = Region(mem, rng, size, max_pieces=int(rng.choice([1, 7, IOV_MAX])))
+        data = random_bytes(rng, size)
+        region.write(data)
+        seed = int(rng.integers(0, 2**32))
+        reqs.append(mem.request(ins=[region.segs], imm=le32(seed), req_id=i))
+        want[i] = google_crc32c.extend(seed, data.tobytes())
+    got = s.run(reqs)
+    for i, expected in want.items():
+        assert got[i].error == 0, SIZES[i]
+        assert got[i].imm == le32(expected) + bytes(4), SIZES[i]
+    assert_consistent(core)
+
+
+@pytest.mark.parametrize("choice", KERNELS)
+def test_crc32c_chains_across_requests(make_core, choice):
+    rng = np.random.default_rng(2)
+    mem = Mem()
+    s = make_core(kernels=choice).session("iscsi-crc32c")
+    data = random_bytes(rng, 100_003)
+    cuts = [0, 1, 4096, 50_000, 99_999, 100_003]  # pieces across the 3 x 2 KiB lanes
+    crc = 0
+    for a, b in zip(cuts, cuts[1:]):
+        part = mem.buf(data[a:b])
+        r = s.run([mem.request(ins=[whole(part)], imm=le32(crc), req_id=a)])[a]
+        assert r.error == 0
+        crc = struct.unpack("<I", r.imm[:4])[0]
+    assert crc == google_crc32c.value(data.tobytes())
+
+
+# --- zero, fill8, copy, xor -------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("chunk", [64, SMALL_CHUNK, 256 << 10])
+def test_zero_and_fill8(make_core, path, chunk):
+    rng = np.random.default_rng(3)
+    mem = Mem()
+    core = make_core(chunk=chunk, inline=PATHS[path])
+    zero, fill = core.session("zero"), core.session("fill8")
+    zreqs, freqs, regions = [], [], {}
+    for i, size in enumerate(SIZES):
+        for kind, reqs in (("zero", zreqs), ("fill8", freqs)):
+            region = Region(mem, rng, size, max_pieces=int(rng.choice([1, 16, IOV_MAX])))
+            region.write(random_bytes(rng, size) | 1)  # no zero byte to start with
+            regions[kind, i] = region
+            reqs.append(mem.request(out=region.segs, imm=bytes([0x3C]) + b"echo me", req_id=i))
+    for kind, s, reqs, byte in (("zero", zero, zreqs, 0), ("fill8", fill, freqs, 0x3C)):
+        for i, r in s.run(reqs).items():
+            region = regions[kind, i]
+            assert r.error == 0
+            assert r.imm == bytes([0x3C]) + b"echo me"  # echoed
+            assert np.all(region.read() == byte), (kind, SIZES[i])
+            assert region.guards_intact(), (kind, SIZES[i])
+    assert_consistent(core)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_copy_with_different_cuts(make_core, path):
+    rng = np.random.default_rng(4)
+    mem = Mem()
+    core = make_core(chunk=SMALL_CHUNK, inline=PATHS[path])
+    s = core.session("copy")
+    reqs, cases = [], {}
+    for i, size in enumerate(SIZES * 2):
+        src = Region(mem, rng, size, max_pieces=int(rng.choice([1, 5, IOV_MAX])))
+        dst = Region(mem, rng, size, max_pieces=int(rng.choice([1, 9, IOV_MAX])))
+        data = random_bytes(rng, size)
+        src.write(data)
+        cases[i] = (dst, data)
+        reqs.append(mem.request(out=dst.segs, ins=[src.segs], req_id=i))
+    for i, r in s.run(reqs).items():
+        dst, data = cases[i]
+        assert r.error == 0
+        assert np.array_equal(dst.read(), data)
+        assert dst.guards_intact()
+    assert_consistent(core)
+
+
+@pytest.mark.parametrize("choice", KERNELS)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("chunk", [SMALL_CHUNK, 256 << 10])
+@pytest.mark.parametrize("func", ["xor2", "xor3", "xor7", "xor16"])
+def test_xor_against_numpy(make_core, choice, path, chunk, func):
+    n = int(func[3:])
+    rng = np.random.default_rng(n)
+    mem = Mem()
+    core = make_core(kernels=choice, chunk=chunk, inline=PATHS[path])
+    s = core.session(func)
+    reqs, cases = [], {}
+    sizes = SIZES if n < 16 else SIZES[:-1] + [1 << 20]
+    for i, size in enumerate(sizes):
+        datas = [random_bytes(rng, size) for _ in range(n)]
+        ins = []
+        for data in datas:
+            region = Region(mem, rng, size, max_pieces=int(rng.choice([1, 3, IOV_MAX])))
+            region.write(data)
+            ins.append(region.segs)
+        dst = Region(mem, rng, size, max_pieces=int(rng.choice([1, 11, IOV_MAX])))
+        cases[i] = (dst, np.bitwise_xor.reduce(np.stack(datas)) if size else np.zeros(0, np.uint8))
+        reqs.append(mem.request(out=dst.segs, ins=ins, req_id=i))
+    for i, r in s.run(reqs).items():
+        dst, expected = cases[i]
+        assert r.error == 0
+        assert np.array_equal(dst.read(), expected), sizes[i]
+        assert dst.guards_intact()
+    assert_consistent(core)
+
+
+def test_every_xor_arity(make_core):
+    rng = np.random.default_rng(5)
+    mem = Mem()
+    core = make_core(chunk=SMALL_CHUNK)
+    for func in XOR_FUNCS:
+        n = int(func[3:])
+        datas = [random_bytes(rng, 10_000) for _ in range(n)]
+        srcs = [mem.buf(d) for d in datas]
+        dst = mem.buf(10_000)
+        r = core.session(func).run([mem.request(out=whole(dst), ins=[whole(b) for b in srcs], req_id=n)])[n]
+        assert r.error == 0
+        assert np.array_equal(dst, np.bitwise_xor.reduce(np.stack(datas))), func
+
+
+def test_several_mib_through_a_256k_bounce(make_core):
+    rng = np.random.default_rng(6)
+    mem = Mem()
+    core = make_core(inline=0)
+    data = random_bytes(rng, 24 << 20)
+    src, dst, zeroed = mem.buf(data), mem.buf(24 << 20), mem.buf(data)
+    got = core.session("copy").run([mem.request(out=whole(dst), ins=[whole(src)], req_id=1)])
+    assert got[1].error == 0 and np.array_equal(dst, data)
+    got = core.session("zero").run([mem.request(out=whole(zeroed), req_id=2)])
+    assert got[2].error == 0 and not zeroed.any()
+    crc = core.session("iscsi-crc32c").run([mem.request(ins=[whole(src)], req_id=3)])[3]
+    assert crc.imm[:4] == le32(google_crc32c.value(data.tobytes()))
+    stats, funcs = core.stats()
+    assert stats["worker_runs"] == 3 and stats["inline_runs"] == 0
+    assert funcs["copy"]["bytes"] == 24 << 20
+
+
+# --- validation errors ------------------------------------------------------
+
+
+@pytest.fixture
+def vcore(make_core):
+    return make_core(chunk=SMALL_CHUNK)
+
+
+def test_no_function_is_enxio(vcore):
+    s = vcore.session(None)
+    mem = Mem()
+    assert s.submit([mem.request(out=whole(mem.buf(8)))]) == (0, errno.ENXIO)
+    assert s.counts() == (0, 0)
+
+
+def test_setfunc_ebusy_and_esrch(vcore):
+    s = vcore.session(None)
+    assert s.setfunc(len(ALL_FUNCS)) == errno.ESRCH
+    assert s.setfunc(-1) == errno.ESRCH
+    assert s.setfunc("copy") == 0
+    assert s.setfunc("zero") == errno.EBUSY
+    assert s.setfunc(len(ALL_FUNCS)) == errno.EBUSY  # NetBSD checks "already set" first
+
+
+def test_output_iovcnt_above_iov_max_is_einval(vcore):
+    mem = Mem()
+    buf = mem.buf(np.ones(IOV_MAX + 1, np.uint8))
+    segs = [(addr(buf) + i, 1) for i in range(IOV_MAX + 1)]
+    s = vcore.session("zero")
+    assert s.submit([pack_req(mem.iovecs(segs), IOV_MAX + 1)]) == (0, errno.EINVAL)
+    # Exactly IOV_MAX is fine.
+    assert s.run([pack_req(mem.iovecs(segs), IOV_MAX, req_id=5)])[5].error == 0
+    assert not buf[:IOV_MAX].any() and buf[IOV_MAX] == 1
+
+
+@pytest.mark.parametrize("cnt", [0, IOV_MAX + 1])
+def test_input_iovcnt_zero_or_above_iov_max_is_einval(vcore, cnt):
+    mem = Mem()
+    src, dst = mem.buf(16), mem.buf(16)
+    inbuf = mem.dmbufs([(mem.iovecs(whole(src)), cnt)])
+    s = vcore.session("copy")
+    assert s.submit([pack_req(mem.iovecs(whole(dst)), 1, b"", inbuf)]) == (0, errno.EINVAL)
+
+
+def test_length_mismatch_is_einval(vcore):
+    mem = Mem()
+    a, b, dst = mem.buf(100), mem.buf(101), mem.buf(100)
+    s = vcore.session("xor2")
+    assert s.submit([mem.request(out=whole(dst), ins=[whole(a), whole(b)])]) == (0, errno.EINVAL)
+    s = vcore.session("copy")
+    assert s.submit([mem.request(out=whole(dst), ins=[whole(b)])]) == (0, errno.EINVAL)
+
+
+@pytest.mark.parametrize(
+    "lens",
+    [[2**62, 2**62], [2**63], [2**64 - 1], [SSIZE_MAX, 1], [1, 2**64 - 1]],
+    ids=["sum-2^63", "2^63", "2^64-1", "ssize_max+1", "wraps"],
+)
+def test_lengths_beyond_ssize_max_are_einval(vcore, lens):
+    mem = Mem()
+    segs = [(UNMAPPED, n) for n in lens]
+    assert vcore.session("zero").submit([mem.request(out=segs)]) == (0, errno.EINVAL)
+    # The same on an input (no output: the function constraint is not reached).
+    assert vcore.session("iscsi-crc32c").submit([mem.request(ins=[segs])]) == (0, errno.EINVAL)
+    # SSIZE_MAX itself passes validation (and fails when run).
+    r = vcore.session("zero").run([mem.request(out=[(UNMAPPED, SSIZE_MAX)], req_id=1)])[1]
+    assert r.error == errno.EFAULT
+
+
+def test_overlap_is_einval(vcore):
+    mem = Mem()
+    buf = mem.buf(64)
+    base = addr(buf)
+    s = vcore.session("copy")
+    # One shared byte.
+    assert s.submit([mem.request(out=[(base, 32)], ins=[[(base + 31, 32)]])]) == (0, errno.EINVAL)
+    # Input inside an output whose segments are listed out of order.
+    out = [(base + 40, 8), (base, 8), (base + 20, 10)]
+    assert s.submit([mem.request(out=out, ins=[[(base + 22, 26)]])]) == (0, errno.EINVAL)
+    # Touching is not overlapping, and empty segments are ignored.
+    r = s.run([mem.request(out=[(base, 32), (base + 40, 0)], ins=[[(base + 45, 0), (base + 32, 32)]], req_id=1)])
+    assert r[1].error == 0
+
+
+def test_overlap_with_nested_output_segments(vcore):
+    mem = Mem()
+    buf = mem.buf(256)
+    base = addr(buf)
+    s = vcore.session("copy")
+    # The input misses the small segments but not the large one around them.
+    out = [(base + 10, 10), (base, 100), (base + 30, 10)]
+    assert s.submit([mem.request(out=out, ins=[[(base + 50, 10), (base + 150, 110)]])]) == (0, errno.EINVAL)
+    out = [(base, 100), (base + 10, 10), (base + 200, 20)]
+    assert s.submit([mem.request(out=out, ins=[[(base + 99, 130)]])]) == (0, errno.EINVAL)
+
+
+def test_overlap_with_wrapping_segment_saturates(vcore):
+    mem = Mem()
+    top = 2**64 - 16
+    s = vcore.session("copy")
+    # An output running past the top of the address space still covers its tail ...
+    assert s.submit([mem.request(out=[(top, 32)], ins=[[(top + 8, 8), (top - 24, 24)]])]) == (0, errno.EINVAL)
+    # ... and one far from it is accepted, then fails when run (the kernel refuses).
+    src = mem.buf(32)
+    r = s.run([mem.request(out=[(top, 32)], ins=[whole(src)], req_id=3)])[3]
+    assert r.error == errno.EFAULT
+
+
+def test_overlap_among_many_segments(vcore):
+    mem = Mem()
+    arena = mem.buf(16 * IOV_MAX * 2 + 64)
+    base = addr(arena)
+    out = [(base + 2 * i, 1) for i in range(IOV_MAX)]  # even bytes
+    ins = [[(base + 2 * i + 1, 1) for i in range(IOV_MAX)] for _ in range(16)]  # odd bytes
+    s = vcore.session("xor16")
+    assert s.run([mem.request(out=out, ins=ins, req_id=1)])[1].error == 0
+    ins[15][IOV_MAX - 1] = (base + 2 * 700, 1)  # the last input segment hits the output
+    assert s.submit([mem.request(out=out, ins=ins)]) == (0, errno.EINVAL)
+
+
+@pytest.fixture
+def guard_page():
+    """Address A with [A - 4096, A) read-write and [A, A + 4096) inaccessible."""
+    region = mmap.mmap(-1, 2 * mmap.PAGESIZE)
+    anchor = ctypes.c_char.from_buffer(region)
+    base = ctypes.addressof(anchor)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    assert libc.mprotect(base + mmap.PAGESIZE, mmap.PAGESIZE, 0) == 0  # PROT_NONE
+    yield base + mmap.PAGESIZE
+    del anchor
+    region.close()
+
+
+def test_unreadable_iovec_arrays_are_efault(vcore, guard_page):
+    mem = Mem()
+    buf = mem.buf(16)
+    s = vcore.session("zero")
+    assert s.submit([pack_req(UNMAPPED, 1)]) == (0, errno.EFAULT)
+    s = vcore.session("copy")
+    good = mem.iovecs(whole(buf))
+    # The input's iovec array ...
+    assert s.submit([pack_req(good, 1, b"", mem.dmbufs([(UNMAPPED, 1)]))]) == (0, errno.EFAULT)
+    # ... the dmio_buffer array itself, and a NULL one.
+    assert s.submit([pack_req(good, 1, b"", UNMAPPED)]) == (0, errno.EFAULT)
+    assert s.submit([pack_req(good, 1, b"", 0)]) == (0, errno.EFAULT)
+    # An output iovec array whose second entry is past the end of readable memory.
+    edge = guard_page - 16
+    ctypes.memmove(edge, struct.pack("<QQ", addr(buf), 8), 16)
+    assert s.submit([pack_req(edge, 2, b"", mem.dmbufs([(good, 1)]))]) == (0, errno.EFAULT)
+    assert vcore.stats()[0]["meta_bytes"] == 0
+
+
+def test_unaligned_requests_are_decoded(vcore):
+    mem = Mem()
+    dst = mem.buf(100)
+    dst[:] = 7
+    req = mem.request(out=whole(dst), req_id=77)
+    s = vcore.session("zero")
+    raw = bytearray(b"\x99" + req)  # the request starts at an odd address
+    err = s.ffi.new("int *")
+    cbuf = s.ffi.from_buffer(raw)
+    assert s.lib.dm_sess_submit(s.ptr, cbuf + 1, 1, err) == 1 and err[0] == 0
+    assert s.take() == [Resp(77, 0, bytes(8))] and not dst.any()
+
+
+def test_validation_stops_at_first_bad_request(vcore):
+    mem = Mem()
+    a, b = mem.buf(8), mem.buf(8)
+    a[:] = b[:] = 1
+    s = vcore.session("zero")
+    reqs = [mem.request(out=whole(a), req_id=1), pack_req(UNMAPPED, 1, req_id=2), mem.request(out=whole(b), req_id=3)]
+    assert s.submit(reqs) == (1, errno.EFAULT)
+    assert s.take() == [Resp(1, 0, bytes(8))]
+    assert not a.any() and np.all(b == 1)
+    assert_consistent(vcore)
+
+
+def bad_copy(mem: Mem, kind: str, guard_page: int) -> tuple[bytes, int]:
+    """A copy request breaking one rule, and the errno it must get."""
+    src, dst = mem.buf(64), mem.buf(64)
+    if kind == "outcnt":
+        return pack_req(mem.iovecs(whole(dst)), IOV_MAX + 1, b"", mem.dmbufs([(mem.iovecs(whole(src)), 1)])), errno.EINVAL
+    if kind == "inbuf":
+        return pack_req(mem.iovecs(whole(dst)), 1, b"", UNMAPPED), errno.EFAULT
+    if kind == "inbuf_edge":  # the dmio_buffer starts readable and runs past it
+        ctypes.memmove(guard_page - 8, struct.pack("<Q", mem.iovecs(whole(src))), 8)
+        return pack_req(mem.iovecs(whole(dst)), 1, b"", guard_page - 8), errno.EFAULT
+    if kind == "incnt":
+        return pack_req(mem.iovecs(whole(dst)), 1, b"", mem.dmbufs([(mem.iovecs(whole(src)), 0)])), errno.EINVAL
+    if kind == "outarr":
+        return pack_req(UNMAPPED, 1, b"", mem.dmbufs([(mem.iovecs(whole(src)), 1)])), errno.EFAULT
+    if kind == "inarr":
+        return pack_req(mem.iovecs(whole(dst)), 1, b"", mem.dmbufs([(UNMAPPED, 1)])), errno.EFAULT
+    if kind == "edge":  # the second iovec of the output lies past readable memory
+        ctypes.memmove(guard_page - 16, struct.pack("<QQ", addr(dst), 32), 16)
+        return pack_req(guard_page - 16, 2, b"", mem.dmbufs([(mem.iovecs(whole(src)), 1)])), errno.EFAULT
+    if kind == "mismatch":
+        return mem.request(out=[(addr(dst), 63)], ins=[whole(src)]), errno.EINVAL
+    if kind == "overlap":
+        return mem.request(out=[(addr(dst), 64)], ins=[[(addr(dst) + 63, 1), (addr(src), 63)]]), errno.EINVAL
+    raise AssertionError(kind)
+
+
+BAD_KINDS = ["outcnt", "inbuf", "inbuf_edge", "incnt", "outarr", "inarr", "edge", "mismatch", "overlap"]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+@pytest.mark.parametrize("pos", [0, 1, 6, 9])
+def test_bad_request_inside_a_batch(make_core, guard_page, kind, pos):
+    """Requests are decoded a window at a time: a bad one still stops the
+    submission exactly where it stands, with its own errno."""
+    rng = np.random.default_rng(pos)
+    mem = Mem()
+    core = make_core()
+    s = core.session("copy")
+    datas = [random_bytes(rng, 100) for _ in range(10)]
+    srcs, dsts = [mem.buf(d) for d in datas], [mem.buf(100) for _ in range(10)]
+    reqs = [mem.request(out=whole(d), ins=[whole(sr)], req_id=i) for i, (sr, d) in enumerate(zip(srcs, dsts))]
+    reqs[pos], expected = bad_copy(mem, kind, guard_page)
+    assert s.submit(reqs) == (pos, expected)
+    assert sorted(r.id for r in s.take()) == list(range(pos))
+    for i in range(10):
+        assert np.array_equal(dsts[i], datas[i]) if i < pos else not dsts[i].any()
+    assert_consistent(core)
+
+
+@pytest.mark.parametrize("first", BAD_KINDS)
+@pytest.mark.parametrize("second", BAD_KINDS)
+def test_first_bad_request_wins(make_core, guard_page, first, second):
+    mem = Mem()
+    s = make_core().session("copy")
+    src, dst = mem.buf(8), mem.buf(8)
+    good = mem.request(out=whole(dst), ins=[whole(src)], req_id=1)
+    bad1, err1 = bad_copy(mem, first, guard_page)
+    bad2, _ = bad_copy(mem, second, guard_page)
+    assert s.submit([good, bad1, bad2, good]) == (1, err1)
+
+
+def test_batches_larger_than_a_window(make_core):
+    mem = Mem()
+    core = make_core()
+    zero = core.session("zero", depth=1500)
+    buf = mem.buf(np.ones(1500, np.uint8))
+    assert zero.submit([mem.request(out=[(addr(buf) + i, 1)], req_id=i) for i in range(1500)]) == (1500, 0)
+    assert [r.id for r in zero.take()] == list(range(1500)) and not buf.any()
+    copy = core.session("copy", depth=700)
+    src = mem.buf(np.arange(700, dtype=np.uint32).view(np.uint8))
+    dst = mem.buf(700 * 4)
+    reqs = [mem.request(out=[(addr(dst) + 4 * i, 4)], ins=[[(addr(src) + 4 * i, 4)]], req_id=i) for i in range(700)]
+    assert copy.submit(reqs + reqs[:5]) == (700, 0)  # then full
+    assert len(copy.take()) == 700 and np.array_equal(dst, src)
+    xor = core.session("xor16", depth=200)
+    ins = [whole(mem.buf(np.full(8, j, np.uint8))) for j in range(16)]
+    out = [mem.buf(8) for _ in range(200)]
+    assert xor.submit([mem.request(out=whole(o), ins=ins, req_id=i) for i, o in enumerate(out)]) == (200, 0)
+    assert len(xor.take()) == 200
+    assert all(np.all(o == np.bitwise_xor.reduce(np.arange(16, dtype=np.uint8))) for o in out)
+    assert_consistent(core)
+
+
+# --- execution results ------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bad_data_pointer_fails_only_its_request(make_core, path):
+    mem = Mem()
+    core = make_core(chunk=SMALL_CHUNK, inline=PATHS[path])
+    bufs = [mem.buf(20_000) for _ in range(3)]
+    for b in bufs:
+        b[:] = 9
+    s = core.session("zero")
+    half_bad = [(addr(bufs[1]), 10_000), (UNMAPPED, 10_000)]
+    got = s.run(
+        [
+            mem.request(out=whole(bufs[0]), req_id=1),
+            mem.request(out=half_bad, imm=b"12345678", req_id=2),
+            mem.request(out=whole(bufs[2]), req_id=3),
+        ]
+    )
+    assert got[1] == Resp(1, 0, bytes(8))
+    assert got[2] == Resp(2, errno.EFAULT, bytes(8))  # no immediate on failure
+    assert got[3] == Resp(3, 0, bytes(8))
+    assert not bufs[0].any() and not bufs[2].any()
+    c = core.session("copy")
+    got = c.run([mem.request(out=whole(bufs[0]), ins=[[(UNMAPPED, 20_000)]], req_id=4)])
+    assert got[4].error == errno.EFAULT
+    _, funcs = core.stats()
+    assert funcs["zero"]["failed"] == 1 and funcs["zero"]["completed"] == 2
+    assert funcs["zero"]["bytes"] == 40_000
+    assert_consistent(core)
+
+
+def test_function_constraints_fail_the_request_not_the_submit(vcore):
+    mem = Mem()
+    buf, other = mem.buf(32), mem.buf(32)
+    buf[:] = 5
+    cases = [
+        ("zero", mem.request(req_id=1)),
+        ("fill8", mem.request(imm=b"\x07", req_id=2)),
+        ("copy", mem.request(ins=[whole(buf)], req_id=3)),
+        ("xor2", mem.request(ins=[whole(buf), whole(other)], req_id=4)),
+        ("iscsi-crc32c", mem.request(out=whole(other), ins=[whole(buf)], imm=b"abcd", req_id=5)),
+    ]
+    for func, req in cases:
+        s = vcore.session(func)
+        assert s.submit([req]) == (1, 0), func
+        (r,) = s.take()
+        assert r.error == errno.EINVAL and r.imm == bytes(8), func
+    assert np.all(buf == 5) and not other.any()
+    _, funcs = vcore.stats()
+    assert all(funcs[f]["failed"] == 1 and funcs[f]["completed"] == 0 for f, _ in cases)
+    assert_consistent(vcore)
+
+
+def exited_pidfd() -> tuple[int, int]:
+    """(pid, pidfd) of a process that has exited and been reaped."""
+    child = subprocess.Popen(["true"])
+    pidfd = os.pidfd_open(child.pid)
+    child.wait()
+    return child.pid, pidfd
+
+
+def test_dead_client_is_efault(make_core):
+    pid, pidfd = exited_pidfd()
+    s = make_core().session("zero", pid=pid, pidfd=pidfd)
+    mem = Mem()
+    assert s.submit([mem.request(out=whole(mem.buf(8)))]) == (0, errno.EFAULT)
+
+
+def test_reused_pid_is_never_touched(make_core):
+    """The pid names a live process (this one) but the pidfd says the
+    client exited: the pid counts as reused and is left alone."""
+    mem = Mem()
+    buf = mem.buf(np.ones(64, np.uint8))
+    _, pidfd = exited_pidfd()
+    s = make_core().session("zero", pidfd=pidfd)
+    assert s.submit([mem.request(out=whole(buf), req_id=1)]) == (0, errno.EFAULT)
+    assert np.all(buf == 1)
+
+
+def test_another_process_memory(make_core):
+    """A real client: the iovec array and the data live in a child process."""
+    script = textwrap.dedent(
+        """
+        import ctypes, sys
+        data = ctypes.create_string_buffer(b"x" * 5000, 5000)
+        iov = (ctypes.c_uint64 * 2)(ctypes.addressof(data), 5000)
+        print(ctypes.addressof(iov), flush=True)
+        sys.stdin.readline()
+        print(data.raw.hex(), flush=True)
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        iov_addr = int(child.stdout.readline())
+        core = make_core()
+        s = core.session("fill8", pid=child.pid, pidfd=os.pidfd_open(child.pid))
+        assert s.submit([pack_req(iov_addr, 1, b"\x42", req_id=1)]) == (1, 0)
+        assert s.take() == [Resp(1, 0, b"\x42" + bytes(7))]
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert bytes.fromhex(child.stdout.readline().strip()) == b"\x42" * 5000
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_no_ptrace_permission_is_eperm(core_so, tmp_path):
+    """Without CAP_SYS_PTRACE a process of another user is out of reach."""
+    target = None
+    if os.geteuid() == 0:
+        target = subprocess.Popen(["sleep", "60"], user=65534, group=65534)
+        pid = target.pid
+    else:
+        pid = 1
+    script = textwrap.dedent(
+        f"""
+        import ctypes, importlib.machinery, importlib.util, os, struct
+        libc = ctypes.CDLL(None, use_errno=True)
+
+        class Header(ctypes.Structure):
+            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+        class Data(ctypes.Structure):
+            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+        header, data = Header(0x20080522, 0), (Data * 2)()
+        assert libc.capget(ctypes.byref(header), data) == 0
+        data[0].effective &= ~(1 << 19)  # CAP_SYS_PTRACE
+        data[0].permitted &= ~(1 << 19)
+        assert libc.capset(ctypes.byref(header), data) == 0
+
+        path = {str(core_so)!r}
+        loader = importlib.machinery.ExtensionFileLoader("_core", path)
+        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("_core", path, loader=loader))
+        loader.exec_module(module)
+        ffi, lib = module.ffi, module.lib
+        err = ffi.new("int *")
+        core = lib.dm_core_new(ffi.new("struct dm_config *", dict(workers=1, chunk_bytes=4096)), err)
+        s = lib.dm_sess_new(core, 1, {pid}, os.pidfd_open({pid}), 4)
+        assert lib.dm_sess_setfunc(s, lib.dm_func_lookup(b"zero")) == 0
+        n = lib.dm_sess_submit(s, struct.pack("<QI4x8sQI4x", 0x10000, 1, bytes(8), 0, 1), 1, err)
+        print(n, err[0])
+        lib.dm_sess_close(s)
+        lib.dm_core_free(core)
+        """
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    finally:
+        if target is not None:
+            target.kill()
+            target.wait()
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", str(errno.EPERM)]
+
+
+# --- queueing, responses, notifications -------------------------------------
+
+
+def test_depth_stops_submission(vcore):
+    mem = Mem()
+    s = vcore.session("zero", depth=3)
+    bufs = [mem.buf(8) for _ in range(10)]
+    reqs = [mem.request(out=whole(b), req_id=i) for i, b in enumerate(bufs)]
+    assert s.submit(reqs[:5]) == (3, 0)
+    assert s.counts() == (3, 3)
+    assert s.submit(reqs[3:5]) == (0, 0)  # full: nothing accepted, no error
+    assert [r.id for r in s.take(1)] == [0]
+    assert s.counts() == (2, 2)
+    assert s.submit(reqs[3:5]) == (1, 0)
+    assert [r.id for r in s.take()] == [1, 2, 3]
+    assert s.counts() == (0, 0)
+
+
+def test_take_order_and_ring_wraparound(vcore):
+    mem = Mem()
+    s = vcore.session("fill8", depth=4)
+    buf = mem.buf(4)
+    next_id, expected = 0, []
+    for round_ in range(25):
+        room = 4 - s.counts()[0]
+        batch = [mem.request(out=whole(buf), imm=bytes([next_id + i]), req_id=next_id + i) for i in range(room)]
+        assert s.submit(batch) == (room, 0)
+        expected += list(range(next_id, next_id + room))
+        next_id += room
+        got = s.take(1 + round_ % 3)
+        assert [r.id for r in got] == expected[: len(got)]
+        assert all(r.imm[0] == r.id % 256 for r in got)
+        expected = expected[len(got) :]
+        assert s.counts() == (len(expected), len(expected))
+    assert [r.id for r in s.take()] == expected
+
+
+def test_take_with_nothing_ready(vcore):
+    s = vcore.session("zero")
+    assert s.take(0) == [] and s.take(5) == []
+    n = s.lib.dm_sess_take(s.ptr, s.ffi.NULL, 0)
+    assert n == 0
+
+
+def test_worker_completions_are_announced_once_per_drain(make_core):
+    mem = Mem()
+    core = make_core(inline=0)
+    a, b = core.session("zero"), core.session("zero")
+    efd = core.eventfd
+    assert select.select([efd], [], [], 0)[0] == []
+    bufs = [mem.buf(1 << 16) for _ in range(4)]
+    assert a.submit([mem.request(out=whole(bufs[0]), req_id=1), mem.request(out=whole(bufs[1]), req_id=2)]) == (2, 0)
+    assert b.submit([mem.request(out=whole(bufs[2]), req_id=3)]) == (1, 0)
+    until(lambda: a.counts()[1] == 2 and b.counts()[1] == 1, "the workers never completed")
+    assert select.select([efd], [], [], 0)[0] == [efd]
+    first = core.drain(1)
+    assert len(first) == 1
+    assert select.select([efd], [], [], 0)[0] == [efd]  # still more to report
+    second = core.drain(8)
+    assert sorted(first + second) == [a.id, b.id]
+    assert select.select([efd], [], [], 0)[0] == []
+    assert core.drain() == []
+    # An inline completion is not announced.
+    inline = make_core(inline=1 << 20)
+    c = inline.session("zero")
+    assert c.submit([mem.request(out=whole(bufs[3]), req_id=4)]) == (1, 0)
+    assert c.counts() == (1, 1)
+    assert select.select([inline.eventfd], [], [], 0)[0] == [] and inline.drain() == []
+
+
+def test_closed_session_is_not_announced(make_core):
+    mem = Mem()
+    core = make_core(inline=0)
+    s = core.session("zero")
+    assert s.submit([mem.request(out=whole(mem.buf(64)), req_id=1)]) == (1, 0)
+    until(lambda: s.counts()[1] == 1, "the worker never completed")
+    s.close()
+    assert core.drain() == []
+    assert_consistent(core)
+
+
+# --- limits -----------------------------------------------------------------
+
+
+def test_global_request_cap_is_eagain(make_core):
+    mem = Mem()
+    core = make_core(max_requests=3)
+    s, t = core.session("zero"), core.session("zero")
+    bufs = [mem.buf(8) for _ in range(4)]
+    assert s.submit([mem.request(out=whole(bufs[0])), mem.request(out=whole(bufs[1]))]) == (2, 0)
+    assert t.submit([mem.request(out=whole(bufs[2])), mem.request(out=whole(bufs[3]))]) == (1, errno.EAGAIN)
+    stats, _ = core.stats()
+    assert stats["refused_limits"] == 1 and stats["outstanding"] == 3
+    assert len(s.take()) == 2
+    assert t.submit([mem.request(out=whole(bufs[3]))]) == (1, 0)
+    assert len(t.take()) == 2
+    assert_consistent(core)
+
+
+def test_metadata_cap_is_eagain(make_core):
+    mem = Mem()
+    core = make_core(max_meta=8192, inline=0)
+    s = core.session("zero")
+    buf = mem.buf(IOV_MAX)
+    many = [(addr(buf) + i, 1) for i in range(IOV_MAX)]  # 16 KiB of iovecs
+    assert s.submit([mem.request(out=many)]) == (0, errno.EAGAIN)
+    stats, _ = core.stats()
+    assert stats["refused_limits"] == 1 and stats["meta_bytes"] == 0 and stats["outstanding"] == 0
+    got = s.run([mem.request(out=many[:100], req_id=1)])
+    assert got[1].error == 0 and not buf[:100].any()
+    assert_consistent(core)
+
+
+# --- close and teardown -----------------------------------------------------
+
+
+def test_close_with_requests_in_flight(make_core):
+    mem = Mem()
+    core = make_core(workers=1, chunk=64 << 10, inline=0)
+    s = core.session("copy", depth=8)
+    src = mem.buf(np.full(16 << 20, 3, np.uint8))
+    dsts = [mem.buf(16 << 20) for _ in range(8)]
+    reqs = [mem.request(out=whole(d), ins=[whole(src)], req_id=i) for i, d in enumerate(dsts)]
+    assert s.submit(reqs) == (8, 0)
+    s.close()
+    stats = core.wait_idle()
+    assert stats["worker_runs"] == 8
+    assert_consistent(core)
+    for d in dsts:  # each chunk was copied whole or not at all
+        chunks = d.reshape(-1, 64 << 10)
+        assert np.all((chunks == 3).all(axis=1) | (chunks == 0).all(axis=1))
+
+
+def test_close_discards_ready_responses(make_core):
+    mem = Mem()
+    core = make_core()
+    s = core.session("zero")
+    assert s.submit([mem.request(out=whole(mem.buf(8))) for _ in range(5)]) == (5, 0)
+    assert core.stats()[0]["outstanding"] == 5
+    s.close()
+    assert_consistent(core)
+
+
+def test_core_free_with_open_sessions_and_queued_requests(cm):
+    mem = Mem()
+    core = Core(cm, workers=1, chunk=64 << 10, inline=0)
+    s = core.session("copy", depth=16)
+    src = mem.buf(np.full(8 << 20, 6, np.uint8))
+    dsts = [mem.buf(8 << 20) for _ in range(16)]
+    assert s.submit([mem.request(out=whole(d), ins=[whole(src)], req_id=i) for i, d in enumerate(dsts)]) == (16, 0)
+    core.free()  # the session was never closed: the core frees it
+    for d in dsts:
+        chunks = d.reshape(-1, 64 << 10)
+        assert np.all((chunks == 6).all(axis=1) | (chunks == 0).all(axis=1))
+
+
+# --- properties -------------------------------------------------------------
+
+
+ARENA = 128
+
+
+@st.composite
+def copy_layouts(draw):
+    """Input and output lists of equal total length inside a small arena
+    (so that segments often overlap, contain and touch one another)."""
+    total = draw(st.integers(0, 96))
+
+    def segments():
+        n = draw(st.integers(1, 6))
+        cuts = sorted(draw(st.lists(st.integers(0, total), min_size=n - 1, max_size=n - 1)))
+        lens = [b - a for a, b in zip([0, *cuts], [*cuts, total])]
+        return [(draw(st.integers(0, ARENA - n_)), n_) for n_ in lens]
+
+    return segments(), segments()
+
+
+@pytest.fixture(scope="module")
+def prop_core(cm):
+    core = Core(cm, chunk=64)
+    yield core
+    for s in core.sessions:
+        s.close()
+    core.free()
+
+
+@settings(max_examples=1000, deadline=None)
+@given(layout=copy_layouts(), seed=st.integers(0, 2**32 - 1))
+def test_overlap_check_matches_brute_force(prop_core, layout, seed):
+    ins, outs = layout
+    mem = Mem()
+    arena = mem.buf(random_bytes(np.random.default_rng(seed), ARENA))
+    base = addr(arena)
+    overlap = any(
+        a < c + m and c < a + n for a, n in ins if n for c, m in outs if m
+    )
+    s = prop_core.session("copy")
+    req = mem.request(out=[(base + o, n) for o, n in outs], ins=[[(base + o, n) for o, n in ins]], req_id=1)
+    if overlap:
+        assert s.submit([req]) == (0, errno.EINVAL)
+    else:
+        expected = arena.copy()
+        src = np.concatenate([arena[o : o + n] for o, n in ins])
+        pos = 0
+        for o, n in outs:  # later segments win where outputs overlap each other
+            expected[o : o + n] = src[pos : pos + n]
+            pos += n
+        assert s.run([req])[1].error == 0
+        assert np.array_equal(arena, expected)
+    s.close()
