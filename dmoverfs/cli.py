@@ -1,0 +1,161 @@
+"""The ``dmoverfs`` command: mount, unmount, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from dmoverfs import __version__, mounting, paths
+from dmoverfs.tunables import Tunables
+
+
+def _positive(text: str) -> int:
+    value = int(text, 0)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _mountpoint(args: argparse.Namespace) -> Path:
+    return Path(os.path.abspath(args.mountpoint or paths.default_mountpoint()))
+
+
+def _tunables(args: argparse.Namespace) -> Tunables:
+    given = {
+        "queue_depth": args.queue_depth,
+        "workers": args.workers,
+        "max_sessions": args.max_sessions,
+        "max_requests": args.max_requests,
+        "max_meta_bytes": args.max_meta_bytes,
+    }
+    return Tunables(**{k: v for k, v in given.items() if v is not None})
+
+
+def _server_args(args: argparse.Namespace) -> list[str]:
+    """The options of this ``mount`` to hand to the background server."""
+    out: list[str] = []
+    for name in ("queue_depth", "workers", "max_sessions", "max_requests", "max_meta_bytes"):
+        value = getattr(args, name)
+        if value is not None:
+            out += ["--" + name.replace("_", "-"), str(value)]
+    if args.allow_other:
+        out.append("--allow-other")
+    if args.debug:
+        out.append("--debug")
+    return out
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    mountpoint = _mountpoint(args)
+    tunables = _tunables(args)
+    try:
+        tunables.validate()
+    except ValueError as exc:
+        raise SystemExit(f"dmoverfs: {exc}") from None
+    if mounting.is_mounted(mountpoint):
+        raise SystemExit(f"dmoverfs: {mountpoint} is already mounted (dmoverfs unmount {mountpoint})")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    if args.foreground:
+        from dmoverfs.server import serve  # imports pyfuse3 and the C core only here
+
+        logging.basicConfig(
+            level=logging.DEBUG if args.debug else logging.INFO,
+            format="%(asctime)s dmoverfs[%(process)d] %(levelname)s %(name)s: %(message)s",
+        )
+        try:
+            serve(str(mountpoint), tunables, allow_other=args.allow_other, debug=args.debug, ready_fd=args.ready_fd)
+        except OSError as exc:
+            raise SystemExit(f"dmoverfs: {exc.strerror or exc}") from None
+        return 0
+    log_file = Path(args.log_file) if args.log_file else paths.default_log_file(mountpoint)
+    try:
+        pid = mounting.spawn_server(mountpoint, _server_args(args), log_file).pid
+    except mounting.MountError as exc:
+        raise SystemExit(f"dmoverfs: {exc}") from None
+    print(f"dmoverfs mounted at {mountpoint} (server pid {pid}, log {log_file})")
+    print(f"unmount with: dmoverfs unmount {mountpoint}")
+    return 0
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    mountpoint = _mountpoint(args)
+    try:
+        mounting.unmount(mountpoint)
+    except mounting.MountError as exc:
+        raise SystemExit(f"dmoverfs: {exc}") from None
+    print(f"dmoverfs unmounted from {mountpoint}")
+    return 0
+
+
+def _read_stats(mountpoint: Path) -> dict:
+    try:
+        with open(mountpoint / "stats", "rb") as f:
+            return json.loads(f.read())
+    except OSError as exc:
+        raise SystemExit(f"dmoverfs: cannot read {mountpoint / 'stats'}: {exc.strerror}") from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dmoverfs.stats import format_table
+
+    mountpoint = _mountpoint(args)
+    if not mounting.is_mounted(mountpoint):
+        raise SystemExit(f"dmoverfs: {mountpoint} is not a dmoverfs mount")
+    while True:
+        data = _read_stats(mountpoint)
+        text = json.dumps(data, indent=2, sort_keys=True) if args.json else format_table(data)
+        if args.watch:
+            print("\x1b[H\x1b[2J" + text, flush=True)
+            time.sleep(args.watch)
+            continue
+        print(text)
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmoverfs", description="NetBSD's /dev/dmoverio data mover as a FUSE file system.")
+    parser.add_argument("--version", action="version", version=f"dmoverfs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mount = sub.add_parser("mount", help="mount dmoverfs (returns when the mount is ready)")
+    mount.add_argument("mountpoint", nargs="?", help=f"where to mount (default {paths.default_mountpoint()})")
+    mount.add_argument("--queue-depth", type=_positive, help="requests outstanding per session (default 64)")
+    mount.add_argument("--workers", type=_positive, help="C worker threads for large requests")
+    mount.add_argument("--max-sessions", type=_positive, help="sessions open at once (ENFILE beyond)")
+    mount.add_argument("--max-requests", type=_positive, help="requests outstanding over all sessions (EAGAIN beyond)")
+    mount.add_argument("--max-meta-bytes", type=_positive, help="request metadata held over all sessions (EAGAIN beyond)")
+    mount.add_argument("--allow-other", action="store_true", help="let other users open sessions (FUSE allow_other)")
+    mount.add_argument("--foreground", action="store_true", help="serve in this process instead of the background")
+    mount.add_argument("--debug", action="store_true", help="log every FUSE request")
+    mount.add_argument("--log-file", help="log of the background server")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    mount.set_defaults(func=cmd_mount)
+
+    unmount = sub.add_parser("unmount", aliases=["umount"], help="stop the server and unmount (stale mounts too)")
+    unmount.add_argument("mountpoint", nargs="?")
+    unmount.set_defaults(func=cmd_unmount)
+
+    status = sub.add_parser("status", help="show the counters of a mount")
+    status.add_argument("mountpoint", nargs="?")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dmoverfs`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Python face of the C core (``dmoverfs._core``, built with cffi).
+
+Python decides *what* runs; the core decodes, validates and moves the bytes.
+Every method here is one C call; none loops over request bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from dmoverfs._core import ffi, lib
+from dmoverfs.tunables import Tunables
+from dmoverfs.wire import REQ_SIZE, RESP_SIZE
+
+
+@dataclass(frozen=True)
+class Function:
+    """One function of the function table."""
+
+    index: int
+    name: str
+    ninputs: int
+    has_output: bool
+
+
+def functions() -> list[Function]:
+    """The functions the C core performs, in table order."""
+    table = []
+    for index in range(lib.dm_func_count()):
+        table.append(
+            Function(
+                index=index,
+                name=ffi.string(lib.dm_func_name(index)).decode(),
+                ninputs=lib.dm_func_ninputs(index),
+                has_output=bool(lib.dm_func_has_output(index)),
+            )
+        )
+    return table
+
+
+class Core:
+    """The worker pool, bounce buffers and counters of one mount."""
+
+    def __init__(self, tunables: Tunables) -> None:
+        cfg = ffi.new(
+            "struct dm_config *",
+            {
+                "workers": tunables.workers,
+                "chunk_bytes": tunables.chunk_bytes,
+                "inline_bytes": tunables.inline_bytes,
+                "max_requests": tunables.max_requests,
+                "max_meta_bytes": tunables.max_meta_bytes,
+            },
+        )
+        err = ffi.new("int *")
+        ptr = lib.dm_core_new(cfg, err)
+        if ptr == ffi.NULL:
+            raise OSError(err[0], f"cannot start the C core: {os.strerror(err[0])}")
+        self._ptr = ptr
+        self.functions = functions()
+        self._drain_ids = ffi.new("uint64_t[]", 4096)
+        # One response buffer serves every take(): only the event-loop thread calls it.
+        self._resp_buf = ffi.new("char[]", tunables.queue_depth * RESP_SIZE)
+        self._resp_cap = tunables.queue_depth
+
+    @property
+    def eventfd(self) -> int:
+        """Readable when workers have completed requests (see :meth:`drain`)."""
+        return lib.dm_core_eventfd(self._ptr)
+
+    @property
+    def kernels(self) -> str:
+        """The CRC32C and XOR kernels in use."""
+        return ffi.string(lib.dm_core_kernels(self._ptr)).decode()
+
+    def drain(self) -> list[int]:
+        """Ids of sessions that gained responses from workers since the last call."""
+        ids: list[int] = []
+        while True:
+            n = lib.dm_core_drain(self._ptr, self._drain_ids, len(self._drain_ids))
+            ids.extend(self._drain_ids[0:n])
+            if n < len(self._drain_ids):
+                return ids
+
+    def stats(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        """Core-wide counters and per-function counters."""
+        total = ffi.new("struct dm_core_stats *")
+        per = ffi.new("struct dm_func_stats[]", len(self.functions))
+        lib.dm_core_stats(self._ptr, total, per, len(self.functions))
+        fields = ("outstanding", "executing", "meta_bytes", "inline_runs", "worker_runs", "refused_limits")
+        core = {name: getattr(total, name) for name in fields}
+        funcs = {
+            f.name: {k: getattr(per[f.index], k) for k in ("submitted", "completed", "failed", "bytes")}
+            for f in self.functions
+        }
+        return core, funcs
+
+    def session(self, sid: int, pid: int, pidfd: int, depth: int) -> CoreSession:
+        """A new session serving process *pid*; takes ownership of *pidfd*."""
+        if depth > self._resp_cap:
+            raise ValueError("session depth exceeds the core's response buffer")
+        ptr = lib.dm_sess_new(self._ptr, sid, pid, pidfd, depth)
+        if ptr == ffi.NULL:
+            os.close(pidfd)
+            raise OSError(errno.ENOMEM, "cannot allocate a session")
+        return CoreSession(self, ptr)
+
+    def take_into(self, sess_ptr, max_resps: int) -> bytes:
+        n = lib.dm_sess_take(sess_ptr, self._resp_buf, min(max_resps, self._resp_cap))
+        return ffi.unpack(self._resp_buf, n * RESP_SIZE) if n else b""
+
+    def close(self) -> None:
+        """Stop the workers and free everything."""
+        if self._ptr is not None:
+            lib.dm_core_free(self._ptr)
+            self._ptr = None
+
+
+class CoreSession:
+    """The C half of a session: request decoding, response ring, counters."""
+
+    __slots__ = ("_core", "_ptr", "_counts")
+
+    def __init__(self, core: Core, ptr) -> None:
+        self._core = core
+        self._ptr = ptr
+        self._counts = ffi.new("unsigned[2]")
+
+    def setfunc(self, index: int) -> int:
+        """0, ESRCH or EBUSY."""
+        return lib.dm_sess_setfunc(self._ptr, index)
+
+    def submit(self, data: bytes, first: int, count: int) -> tuple[int, int]:
+        """Start requests ``first .. first+count`` of *data*; (accepted, errno or 0)."""
+        err = ffi.new("int *")
+        buf = ffi.from_buffer(data)
+        accepted = lib.dm_sess_submit(self._ptr, buf + first * REQ_SIZE, count, err)
+        return accepted, err[0]
+
+    def take(self, max_resps: int) -> bytes:
+        """Up to *max_resps* ready responses, packed."""
+        return self._core.take_into(self._ptr, max_resps)
+
+    def counts(self) -> tuple[int, int]:
+        """(outstanding, ready)."""
+        c = self._counts
+        lib.dm_sess_counts(self._ptr, c, c + 1)
+        return c[0], c[1]
+
+    def close(self) -> None:
+        """Drop the server's reference; in-flight requests finish harmlessly."""
+        if self._ptr is not None:
+            lib.dm_sess_close(self._ptr)
+            self._ptr = None

@@ -1,0 +1,176 @@
+"""The dmoverfs server: one mount, its sessions, its C core, on trio.
+
+:class:`Device` is the state of one mount (what NetBSD keeps per device);
+:func:`serve` mounts it and runs the event loop until it is unmounted or
+told to stop (SIGTERM, SIGINT, SIGHUP).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import trio
+import trio.testing
+
+from dmoverfs import __version__, stats
+from dmoverfs.core import Core, Function
+from dmoverfs.fs import DmoverOperations
+from dmoverfs.fuse import pyfuse3
+from dmoverfs.process import Client, open_pidfd, thread_group
+from dmoverfs.session import Counters, Session
+from dmoverfs.tunables import Tunables
+
+log = logging.getLogger(__name__)
+
+#: How long woken handlers get to answer before the main loop stops.
+SHUTDOWN_GRACE_S = 1.0
+
+
+class Device:
+    """The state of one mount: the core, the open sessions, the counters."""
+
+    def __init__(self, tunables: Tunables, mountpoint: str) -> None:
+        tunables.validate()
+        self.tunables = tunables
+        self.mountpoint = mountpoint
+        self.core = Core(tunables)
+        self.functions: dict[str, Function] = {f.name: f for f in self.core.functions}
+        self.sessions: dict[int, Session] = {}
+        self.counters = Counters()
+        self.started_ns = time.time_ns()
+        self.fuse_initialised = trio.Event()
+        self.shutting_down = False
+        #: Inodes held by the FUSE layer (set by it; shown in stats to expose leaks).
+        self.inode_count: Callable[[], int] = lambda: 0
+
+    # -- sessions ---------------------------------------------------------------------
+
+    def open_session(self, sid: int, ctx: pyfuse3.RequestContext, preset: Function | None) -> Session:
+        """A new session for the process that is opening inode *sid*."""
+        if self.shutting_down:
+            raise OSError(errno.ENXIO, "the server is shutting down")
+        if len(self.sessions) >= self.tunables.max_sessions:
+            raise OSError(errno.ENFILE, "too many sessions open")
+        pid = thread_group(ctx.pid)
+        client = Client(pid=pid, uid=ctx.uid, gid=ctx.gid)
+        core_session = self.core.session(sid, pid, open_pidfd(pid), self.tunables.queue_depth)
+        session = Session(sid, core_session, client, self.tunables.queue_depth, self.functions, self.counters)
+        if preset is not None:
+            session.set_function(preset.name.encode())
+        self.sessions[sid] = session
+        self.counters.sessions_total += 1
+        return session
+
+    def close_session(self, session: Session) -> None:
+        """The last open file of *session* was released."""
+        session.close()
+        self.sessions.pop(session.sid, None)
+
+    def deliver_completions(self) -> None:
+        """Wake the sessions whose requests workers have completed."""
+        for sid in self.core.drain():
+            session = self.sessions.get(sid)
+            if session is not None:
+                session.completed()
+
+    def shut_down(self) -> None:
+        """Fail every waiter with ENXIO and tell every poller."""
+        self.shutting_down = True
+        for session in list(self.sessions.values()):
+            session.shut_down()
+
+    def fuse_ready(self) -> None:
+        """FUSE_INIT has been answered: the mount serves requests."""
+        self.fuse_initialised.set()
+
+    def render_stats(self) -> bytes:
+        """The ``stats`` file."""
+        return (json.dumps(stats.snapshot(self), indent=2, sort_keys=True) + "\n").encode()
+
+    def close(self) -> None:
+        """Free every session and the core (after the event loop has stopped)."""
+        for session in list(self.sessions.values()):
+            session.close()
+        self.sessions.clear()
+        self.core.close()
+
+
+async def _pump_completions(device: Device) -> None:
+    fd = device.core.eventfd
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        device.deliver_completions()
+
+
+async def _stop_on_signal(device: Device) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s: shutting down", signal.Signals(signum).name)
+            device.shut_down()
+            # Let the woken handlers answer their clients before the loop stops.
+            with trio.move_on_after(SHUTDOWN_GRACE_S):
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            pyfuse3.terminate()
+            return
+
+
+async def _announce_ready(device: Device, ready_fd: int | None) -> None:
+    await device.fuse_initialised.wait()
+    log.info("dmoverfs %s serving %s (pid %d, kernels: %s)", __version__, device.mountpoint, os.getpid(), device.core.kernels)
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, b"ready\n")
+        finally:
+            os.close(ready_fd)
+
+
+async def _run(device: Device, ready_fd: int | None) -> None:
+    # Every blocked read or write holds a pyfuse3 worker task: allow one per
+    # session and direction, plus room for the requests that never block.
+    max_tasks = 2 * device.tunables.max_sessions + 64
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_pump_completions, device)
+        nursery.start_soon(_stop_on_signal, device)
+        nursery.start_soon(_announce_ready, device, ready_fd)
+        await pyfuse3.main(min_tasks=4, max_tasks=max_tasks)
+        nursery.cancel_scope.cancel()
+
+
+def serve(
+    mountpoint: str,
+    tunables: Tunables,
+    *,
+    allow_other: bool = False,
+    debug: bool = False,
+    ready_fd: int | None = None,
+) -> None:
+    """Mount dmoverfs at *mountpoint* and serve it until unmounted or signalled.
+
+    When *ready_fd* is given, ``ready`` is written to it once the mount
+    answers requests, and the descriptor is closed.
+    """
+    device = Device(tunables, mountpoint)
+    ops = DmoverOperations(device)
+    options = set(pyfuse3.default_options) | {"fsname=dmoverfs", "subtype=dmoverfs"}
+    if allow_other:
+        options.add("allow_other")
+    if debug:
+        options.add("debug")
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+    except RuntimeError as exc:
+        device.close()
+        raise OSError(errno.EIO, f"cannot mount {mountpoint}: {exc}") from None
+    try:
+        trio.run(_run, device, ready_fd)
+    finally:
+        device.shut_down()
+        pyfuse3.close(unmount=True)
+        device.close()
+        log.info("unmounted %s", mountpoint)

@@ -1,0 +1,255 @@
+"""One session: NetBSD's ``dmio_state``, on trio.
+
+A session owns a :class:`~dmoverfs.core.CoreSession` (decoding, execution and
+the response ring live in C) and adds what needs the event loop: blocking
+reads and writes, non-blocking EAGAIN, poll readiness and its notifications,
+and waking everyone when the server goes away. Nothing here knows about FUSE.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from dmoverfs.core import CoreSession, Function
+from dmoverfs.process import Client
+from dmoverfs.wire import MAX_FUNCNAME, REQ_SIZE, RESP_SIZE
+
+POLL_IN = select.POLLIN | select.POLLRDNORM
+POLL_OUT = select.POLLOUT | select.POLLWRNORM
+
+#: A transfer whose length is not a multiple of the struct size is taken as a
+#: piece of a larger one split by the kernel (1 MiB transfer size, less the
+#: offset of the buffer in its page) when it is at least this long: the whole
+#: structs in it are served and the rest is left to the client's next call.
+SPLIT_MIN = (1 << 20) - 4096
+
+
+class PollHandle(Protocol):
+    """What :meth:`Session.poll` stores: pyfuse3's handle, or a test double."""
+
+    def notify(self) -> None: ...
+
+
+@dataclass
+class Counters:
+    """Server-wide counters the sessions update."""
+
+    sessions_total: int = 0
+    queue_waits: int = 0
+    read_waits: int = 0
+
+
+@dataclass(eq=False)
+class Handle:
+    """One open file of a session (one ``open()``; dup'd descriptors share it)."""
+
+    session: Session
+    nonblock: bool
+    poll_handle: PollHandle | None = field(default=None, repr=False)
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+def function_name(raw: bytes) -> str:
+    """The function name in an xattr value or a ``dsf_name``: cut at NUL and at 63 bytes, as NetBSD does."""
+    return raw.split(b"\0", 1)[0][: MAX_FUNCNAME - 1].decode("utf-8", "replace")
+
+
+def _whole(length: int, unit: int) -> int:
+    """How many whole structs of *unit* bytes a transfer of *length* serves (EINVAL if none may be)."""
+    count, rest = divmod(length, unit)
+    if rest and (length < SPLIT_MIN or count == 0):
+        raise OSError(errno.EINVAL, f"length {length} is not a multiple of {unit}")
+    return count
+
+
+class Session:
+    """A dmoverio session: a function, a queue of requests, its waiters."""
+
+    def __init__(
+        self,
+        sid: int,
+        core: CoreSession,
+        client: Client,
+        depth: int,
+        functions: dict[str, Function],
+        counters: Counters,
+    ) -> None:
+        self.sid = sid
+        self.client = client
+        self.depth = depth
+        self.function: Function | None = None
+        self.handles: set[Handle] = set()
+        self.created_ns = self.atime_ns = self.mtime_ns = _now()
+        self._core = core
+        self._functions = functions
+        self._counters = counters
+        self._readers = trio.lowlevel.ParkingLot()
+        self._writers = trio.lowlevel.ParkingLot()
+        self._down = False
+        self._closed = False
+
+    # -- configuration (the ioctl equivalents) -------------------------------------------
+
+    def set_function(self, raw_name: bytes) -> None:
+        """DMIO_SETFUNC: ESRCH for an unknown function, EBUSY once one is set."""
+        name = function_name(raw_name)
+        func = self._functions.get(name)
+        if func is None:
+            raise OSError(errno.ESRCH, f"no function {name!r}")
+        if self.function is not None:
+            raise OSError(errno.EBUSY, "the session already has a function")
+        err = self._core.setfunc(func.index)
+        if err:
+            raise OSError(err, f"cannot select {name!r}")
+        self.function = func
+
+    # -- the data path -----------------------------------------------------------------
+
+    async def write(self, handle: Handle, data: bytes) -> int:
+        """Accept requests; returns the bytes of the requests accepted (short on error/full)."""
+        count = _whole(len(data), REQ_SIZE)
+        self._check_usable()
+        if count == 0:
+            return 0
+        self.mtime_ns = _now()
+        done = 0
+        while True:
+            accepted, err = self._core.submit(data, done, count - done)
+            if accepted:
+                done += accepted
+                self._after_submit()
+            if err:
+                if done == 0:
+                    raise OSError(err, os.strerror(err))
+                break
+            if done == count:
+                break
+            # Full: the session has depth requests outstanding.
+            if handle.nonblock:
+                if done == 0:
+                    raise OSError(errno.EAGAIN, "the session's queue is full")
+                break
+            self._counters.queue_waits += 1
+            try:
+                await self._wait(self._writers)
+            except OSError:
+                if done == 0:
+                    raise
+                break
+        return done * REQ_SIZE
+
+    async def read(self, handle: Handle, size: int) -> bytes:
+        """Return responses; a blocking read waits until its buffer is full."""
+        want = _whole(size, RESP_SIZE)
+        self._check_usable()
+        if want == 0:
+            return b""
+        self.atime_ns = _now()
+        chunks: list[bytes] = []
+        got = 0
+        while True:
+            data = self._core.take(want - got)
+            if data:
+                got += len(data) // RESP_SIZE
+                chunks.append(data)
+                self._after_take()
+            if got == want:
+                break
+            if handle.nonblock:
+                if got == 0:
+                    raise OSError(errno.EAGAIN, "no response is ready")
+                break
+            self._counters.read_waits += 1
+            try:
+                await self._wait(self._readers)
+            except OSError:
+                # Responses already taken are delivered, never dropped.
+                if got == 0:
+                    raise
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def poll(self, handle: Handle, poll_handle: PollHandle | None) -> int:
+        """Current readiness; keeps *poll_handle* to notify when it changes."""
+        if poll_handle is not None:
+            handle.poll_handle = poll_handle
+        if self._down:
+            return POLL_IN | POLL_OUT
+        outstanding, ready = self._core.counts()
+        events = POLL_IN if ready else 0
+        if outstanding < self.depth:
+            events |= POLL_OUT
+        return events
+
+    # -- events from the core and the server ---------------------------------------------
+
+    def completed(self) -> None:
+        """Workers completed requests of this session: wake readers and pollers."""
+        self._readers.unpark_all()
+        self._notify_pollers()
+
+    def shut_down(self) -> None:
+        """The server is going away: every waiter fails with ENXIO, pollers see all events."""
+        self._down = True
+        self._readers.unpark_all()
+        self._writers.unpark_all()
+        self._notify_pollers()
+
+    def close(self) -> None:
+        """The last open file was released: discard responses, let requests finish."""
+        if not self._closed:
+            self._closed = True
+            self._down = True
+            self._readers.unpark_all()
+            self._writers.unpark_all()
+            self._core.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def counts(self) -> tuple[int, int]:
+        """(outstanding, ready)."""
+        return (0, 0) if self._closed else self._core.counts()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._down:
+            raise OSError(errno.ENXIO, "the server is shutting down")
+        if self.function is None:
+            raise OSError(errno.ENXIO, "no function selected")
+
+    async def _wait(self, lot: trio.lowlevel.ParkingLot) -> None:
+        await lot.park()
+        if self._down:
+            raise OSError(errno.ENXIO, "the server is shutting down")
+
+    def _after_submit(self) -> None:
+        # Small requests completed inline: a concurrent reader or poller may proceed.
+        if self._readers or any(h.poll_handle for h in self.handles):
+            _, ready = self._core.counts()
+            if ready:
+                self.completed()
+
+    def _after_take(self) -> None:
+        # Room was freed: a blocked writer or a POLLOUT poller may proceed.
+        self._writers.unpark_all()
+        self._notify_pollers()
+
+    def _notify_pollers(self) -> None:
+        for handle in self.handles:
+            ph = handle.poll_handle
+            if ph is not None:
+                handle.poll_handle = None
+                ph.notify()

@@ -1,0 +1,75 @@
+"""The ``stats`` file: what it contains, and how ``dmoverfs status`` shows it."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from dmoverfs import __version__
+from dmoverfs.fuse import stream_opens
+
+if TYPE_CHECKING:
+    from dmoverfs.server import Device
+
+
+def snapshot(device: Device) -> dict[str, Any]:
+    """Counters of a running mount, as a JSON-ready dict."""
+    core, per_function = device.core.stats()
+    sessions = list(device.sessions.values())
+    ready = sum(s.counts()[1] for s in sessions)
+    return {
+        "server": {
+            "pid": os.getpid(),
+            "version": __version__,
+            "mountpoint": device.mountpoint,
+            "uptime_s": round((time.time_ns() - device.started_ns) / 1e9, 3),
+            "shutting_down": device.shutting_down,
+            "stream_opens": stream_opens(),
+        },
+        "sessions": {
+            "open": len(sessions),
+            "total": device.counters.sessions_total,
+        },
+        "inodes": device.inode_count(),
+        "requests": {
+            "outstanding": core["outstanding"],
+            "in_flight": core["executing"],
+            "ready": ready,
+            "queue_waits": device.counters.queue_waits,
+            "read_waits": device.counters.read_waits,
+            "refused_by_limits": core["refused_limits"],
+            "metadata_bytes": core["meta_bytes"],
+        },
+        "functions": per_function,
+        "backends": {
+            "builtin": {
+                "kernels": device.core.kernels,
+                "workers": device.tunables.workers,
+                "inline_runs": core["inline_runs"],
+                "worker_runs": core["worker_runs"],
+                "in_flight": core["executing"],
+            }
+        },
+        "limits": device.tunables.as_dict(),
+    }
+
+
+def format_table(data: dict[str, Any]) -> str:
+    """A readable rendering of a :func:`snapshot` for ``dmoverfs status``."""
+    server = data["server"]
+    lines = [
+        f"dmoverfs {server['version']} at {server['mountpoint']} (pid {server['pid']}, up {server['uptime_s']:.0f} s)",
+        f"sessions: {data['sessions']['open']} open, {data['sessions']['total']} since mount",
+        "requests: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in data["requests"].items()),
+        "",
+        f"{'function':<14}{'submitted':>12}{'completed':>12}{'failed':>9}{'bytes':>16}",
+    ]
+    for name, row in data["functions"].items():
+        lines.append(f"{name:<14}{row['submitted']:>12}{row['completed']:>12}{row['failed']:>9}{row['bytes']:>16}")
+    lines.append("")
+    for name, backend in data["backends"].items():
+        details = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in backend.items())
+        lines.append(f"back-end {name}: {details}")
+    lines.append("limits: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in data["limits"].items()))
+    return "\n".join(lines)
