@@ -108,7 +108,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise SystemExit(f"dmoverfs: {mountpoint} is not a dmoverfs mount")
     while True:
         data = _read_stats(mountpoint)
-        text = json.dumps(data, indent=2, sort_keys=True) if args.json else format_table(data)
+        text = json.dumps(data, indent=2) if args.json else format_table(data)
         if args.watch:
             print("\x1b[H\x1b[2J" + text, flush=True)
             time.sleep(args.watch)

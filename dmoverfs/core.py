@@ -92,8 +92,7 @@ class Core:
         fields = ("outstanding", "executing", "meta_bytes", "inline_runs", "worker_runs", "refused_limits")
         core = {name: getattr(total, name) for name in fields}
         funcs = {
-            f.name: {k: getattr(per[f.index], k) for k in ("submitted", "completed", "failed", "bytes")}
-            for f in self.functions
+            f.name: {k: getattr(per[f.index], k) for k in ("submitted", "completed", "failed", "bytes")} for f in self.functions
         }
         return core, funcs
 

@@ -237,8 +237,7 @@ class DmoverOperations(pyfuse3.Operations):
             ]
         else:
             entries = [
-                (name.encode(), functools.partial(self._new_clone, func))
-                for name, func in sorted(self.device.functions.items())
+                (name.encode(), functools.partial(self._new_clone, func)) for name, func in sorted(self.device.functions.items())
             ]
         for index in range(start_id, len(entries)):
             name, make = entries[index]
@@ -379,4 +378,3 @@ class DmoverOperations(pyfuse3.Operations):
 
     async def rmdir(self, parent_inode, name, ctx):
         raise pyfuse3.FUSEError(errno.EPERM)
-

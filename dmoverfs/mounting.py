@@ -67,9 +67,7 @@ def server_pid(mountpoint: Path) -> int | None:
         return None
 
 
-def spawn_server(
-    mountpoint: Path, server_args: list[str], log_file: Path, env: dict[str, str] | None = None
-) -> subprocess.Popen:
+def spawn_server(mountpoint: Path, server_args: list[str], log_file: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``dmoverfs mount --foreground`` detached; return it once the mount answers.
 
     The server writes ``ready`` to a pipe after FUSE_INIT; if it exits or stays
@@ -82,8 +80,12 @@ def spawn_server(
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(
             [*cmd, *server_args, str(mountpoint)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_end,),
-            env=None if env is None else {**os.environ, **env}, start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(write_end,),
+            env=None if env is None else {**os.environ, **env},
+            start_new_session=True,
         )
     os.close(write_end)
     try:

@@ -91,7 +91,7 @@ class Device:
 
     def render_stats(self) -> bytes:
         """The ``stats`` file."""
-        return (json.dumps(stats.snapshot(self), indent=2, sort_keys=True) + "\n").encode()
+        return (json.dumps(stats.snapshot(self), indent=2) + "\n").encode()
 
     def close(self) -> None:
         """Free every session and the core (after the event loop has stopped)."""

@@ -60,7 +60,7 @@ def format_table(data: dict[str, Any]) -> str:
     server = data["server"]
     lines = [
         f"dmoverfs {server['version']} at {server['mountpoint']} (pid {server['pid']}, up {server['uptime_s']:.0f} s)",
-        f"sessions: {data['sessions']['open']} open, {data['sessions']['total']} since mount",
+        f"sessions: {data['sessions']['open']} open, {data['sessions']['total']} since mount; inodes: {data['inodes']}",
         "requests: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in data["requests"].items()),
         "",
         f"{'function':<14}{'submitted':>12}{'completed':>12}{'failed':>9}{'bytes':>16}",

@@ -141,5 +141,3 @@ def errno_of(fn, *args) -> int:
     except OSError as exc:
         return exc.errno
     raise AssertionError(f"{fn.__name__}{args!r} succeeded")
-
-

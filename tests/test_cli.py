@@ -21,7 +21,10 @@ from dmoverfs import mounting
 def dmoverfs(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [sys.executable, "-m", "dmoverfs", *args],
-        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
         env={**os.environ, **(env or {})},
     )
     if check and result.returncode != 0:
@@ -74,8 +77,18 @@ def test_mount_returns_when_ready_and_unmount_stops_the_server(background, tmp_p
 
 
 def test_mount_options_reach_the_server(background, tmp_path):
-    dmoverfs("mount", str(background), "--queue-depth", "8", "--workers", "3", "--max-sessions", "77",
-             "--log-file", str(tmp_path / "log"))
+    dmoverfs(
+        "mount",
+        str(background),
+        "--queue-depth",
+        "8",
+        "--workers",
+        "3",
+        "--max-sessions",
+        "77",
+        "--log-file",
+        str(tmp_path / "log"),
+    )
     try:
         limits = json.loads((background / "stats").read_text())["limits"]
         assert (limits["queue_depth"], limits["workers"], limits["max_sessions"]) == (8, 3, 77)

@@ -159,7 +159,10 @@ class Core:
         nfunc = self.lib.dm_func_count()
         per = self.ffi.new("struct dm_func_stats[]", nfunc)
         self.lib.dm_core_stats(self.ptr, total, per, nfunc)
-        core = {k: getattr(total, k) for k in ("outstanding", "executing", "meta_bytes", "inline_runs", "worker_runs", "refused_limits")}
+        core = {
+            k: getattr(total, k)
+            for k in ("outstanding", "executing", "meta_bytes", "inline_runs", "worker_runs", "refused_limits")
+        }
         funcs = {
             self.ffi.string(self.lib.dm_func_name(i)).decode(): {
                 k: getattr(per[i], k) for k in ("submitted", "completed", "failed", "bytes")
@@ -279,7 +282,9 @@ class Mem:
         raw = b"".join(DMBUF.pack(a, n) for a, n in lists)
         return self.buf(raw or b"\0" * DMBUF.size).ctypes.data
 
-    def request(self, out: Sequence[Segment] | None = None, ins: Sequence[Sequence[Segment]] = (), imm: bytes = b"", req_id: int = 0) -> bytes:
+    def request(
+        self, out: Sequence[Segment] | None = None, ins: Sequence[Sequence[Segment]] = (), imm: bytes = b"", req_id: int = 0
+    ) -> bytes:
         out_iov = self.iovecs(out) if out else 0
         inbuf = self.dmbufs([(self.iovecs(segs), len(segs)) for segs in ins]) if ins else 0
         return pack_req(out_iov, len(out) if out else 0, imm, inbuf, req_id)
@@ -1210,9 +1215,7 @@ def test_overlap_check_matches_brute_force(prop_core, layout, seed):
     mem = Mem()
     arena = mem.buf(random_bytes(np.random.default_rng(seed), ARENA))
     base = addr(arena)
-    overlap = any(
-        a < c + m and c < a + n for a, n in ins if n for c, m in outs if m
-    )
+    overlap = any(a < c + m and c < a + n for a, n in ins if n for c, m in outs if m)
     s = prop_core.session("copy")
     req = mem.request(out=[(base + o, n) for o, n in outs], ins=[[(base + o, n) for o, n in ins]], req_id=1)
     if overlap:

@@ -43,6 +43,7 @@ def session(mnt):
 
 # -- write and read framing -------------------------------------------------------------
 
+
 def test_write_length_not_multiple_of_40_is_einval(session):
     fd = session("zero")
     assert errno_of(os.write, fd, b"\0" * 41) == errno.EINVAL
@@ -71,6 +72,7 @@ def test_zero_length_write_and_read_return_zero(session):
 
 
 # -- DMIO_SETFUNC equivalent ------------------------------------------------------------
+
 
 def test_unknown_function_is_esrch(session):
     fd = session()
@@ -112,6 +114,7 @@ def test_xattr_on_the_clone_file_itself_is_enotsup(mnt):
 
 
 # -- request validation at write time ---------------------------------------------------
+
 
 def test_iovcnt_over_iov_max_is_einval(session):
     fd = session("zero")
@@ -204,6 +207,7 @@ def test_invalid_request_after_valid_ones_gives_a_short_write(session):
 
 # -- errors in responses (execution time) -----------------------------------------------
 
+
 def test_bad_data_pointer_fails_only_that_request(session):
     fd = session("zero")
     good = np.ones(4096, np.uint8)
@@ -236,6 +240,7 @@ def test_output_buffer_for_crc_is_einval_in_the_response(session):
 
 
 # -- non-blocking -----------------------------------------------------------------------
+
 
 def test_nonblocking_read_with_nothing_ready_is_eagain(session):
     fd = session("zero", os.O_RDWR | os.O_NONBLOCK)

@@ -81,16 +81,16 @@ def run_example(program: Path, mnt: Path | None, *args: str, device: Path | None
         device = mnt / "dmoverio"
     env = {**os.environ, "DMOVERIO_PATH": str(device)}
     try:
-        return subprocess.run([str(program), *args], env=env, capture_output=True, text=True,
-                              timeout=RUN_TIMEOUT_S)
+        return subprocess.run([str(program), *args], env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{program.name} {' '.join(args)} did not finish within {RUN_TIMEOUT_S} s:\n"
-                    f"stdout: {exc.stdout!r}\nstderr: {exc.stderr!r}")
+        pytest.fail(
+            f"{program.name} {' '.join(args)} did not finish within {RUN_TIMEOUT_S} s:\n"
+            f"stdout: {exc.stdout!r}\nstderr: {exc.stderr!r}"
+        )
 
 
 def assert_success(proc: subprocess.CompletedProcess) -> list[str]:
-    assert proc.returncode == 0, (
-        f"{proc.args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    assert proc.returncode == 0, f"{proc.args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert proc.stderr == "", f"{proc.args} wrote to stderr:\n{proc.stderr}"
     return proc.stdout.splitlines()
 
@@ -117,8 +117,9 @@ def test_hw_bzero_reports_a_device_that_is_no_data_mover(build):
     proc = run_example(build("hw_bzero"), None, device=Path("/dev/null"))
     assert proc.returncode != 0
     assert proc.stdout == ""
-    assert proc.stderr == ('hw_bzero: select function "zero" (fsetxattr user.dmover.function) '
-                           "on /dev/null: Operation not permitted\n")
+    assert proc.stderr == (
+        'hw_bzero: select function "zero" (fsetxattr user.dmover.function) on /dev/null: Operation not permitted\n'
+    )
 
 
 # -- allfuncs ----------------------------------------------------------------------------
@@ -186,8 +187,7 @@ def test_readiness_notices_a_wrong_queue_depth(mnt, build):
 
 
 def test_readiness_usage(build):
-    proc = subprocess.run([str(build("readiness")), "kqueue"], capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run([str(build("readiness")), "kqueue"], capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 2
     assert proc.stderr.startswith("usage: readiness poll|select|epoll|all")
 
@@ -288,8 +288,9 @@ def test_header_compiles_pedantic(tmp_path, std):
         "#include <dev/dmover/dmover_io.h>\n"
         "int main(void)\n{\n"
         "\tstruct dmio_usrreq req = { 0 };\n"
-        "\tstruct dmio_setfunc dsf = { \"zero\" };\n"
-        "\treturn (int)req.req_id + dsf.dsf_name[4];\n}\n")
+        '\tstruct dmio_setfunc dsf = { "zero" };\n'
+        "\treturn (int)req.req_id + dsf.dsf_name[4];\n}\n"
+    )
     flags = [f"-std={std}", "-pedantic", "-Wall", "-Wextra", "-Werror", f"-I{INCLUDE}"]
     compile_c(source, tmp_path / "uses_header", flags)
 
@@ -366,8 +367,14 @@ def bash(script: str, env: dict[str, str] | None = None, pass_fds: tuple[int, ..
     bash_path = shutil.which("bash")
     if bash_path is None:
         pytest.fail("bash is not on PATH")
-    proc = subprocess.run([bash_path, "-c", script], env={**os.environ, **(env or {})}, pass_fds=pass_fds,
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        [bash_path, "-c", script],
+        env={**os.environ, **(env or {})},
+        pass_fds=pass_fds,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert proc.stderr == "", proc.stderr
     return proc
 
@@ -381,9 +388,7 @@ def read_t0(fd: int) -> int:
 
 
 def test_bash_read_t0_on_an_idle_session_it_opened(mnt):
-    script = ('exec 3<>"$MNT/func/zero" || exit 99\n'
-              'read -t 0 -u 3; echo "idle $?"\n'
-              'exec 3>&-\n')
+    script = 'exec 3<>"$MNT/func/zero" || exit 99\nread -t 0 -u 3; echo "idle $?"\nexec 3>&-\n'
     proc = bash(script, env={"MNT": str(mnt)})
     assert (proc.returncode, proc.stdout) == (0, "idle 1\n")
 
