@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from dmoverfs.core import Function
 from dmoverfs.fuse import pyfuse3
 from dmoverfs.session import Handle, Session
-from dmoverfs.wire import XATTR_FUNCTION, XATTR_NONBLOCK
+from dmoverfs.wire import XATTR_FUNCTION, XATTR_NONBLOCK, XATTR_SERVER
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ STATS_NAME = b"stats"
 
 _XATTR_FUNCTION = XATTR_FUNCTION.encode()
 _XATTR_NONBLOCK = XATTR_NONBLOCK.encode()
+_XATTR_SERVER = XATTR_SERVER.encode()
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -336,6 +337,8 @@ class DmoverOperations(pyfuse3.Operations):
             # An xattr call cannot tell which descriptor it came through: it sets them all.
             for handle in session.handles:
                 handle.nonblock = flag == b"1"
+        elif name == _XATTR_SERVER:
+            raise pyfuse3.FUSEError(errno.EPERM)
         else:
             raise pyfuse3.FUSEError(errno.ENOTSUP)
 
@@ -344,6 +347,8 @@ class DmoverOperations(pyfuse3.Operations):
         session = node.session
         if session is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
+        if name == _XATTR_SERVER:
+            return str(os.getpid()).encode()
         if name == _XATTR_FUNCTION and session.function is not None:
             return session.function.name.encode()
         if name == _XATTR_NONBLOCK:
@@ -354,13 +359,13 @@ class DmoverOperations(pyfuse3.Operations):
         session = self._node(inode).session
         if session is None:
             return []
-        names = [_XATTR_NONBLOCK]
+        names = [_XATTR_NONBLOCK, _XATTR_SERVER]
         if session.function is not None:
             names.insert(0, _XATTR_FUNCTION)
         return names
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.EPERM if name in (_XATTR_FUNCTION, _XATTR_NONBLOCK) else errno.ENODATA)
+        raise pyfuse3.FUSEError(errno.EPERM if name in (_XATTR_FUNCTION, _XATTR_NONBLOCK, _XATTR_SERVER) else errno.ENODATA)
 
     # -- nothing can be created here ---------------------------------------------------
 

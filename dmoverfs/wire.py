@@ -27,3 +27,5 @@ IOV_MAX = 1024
 
 XATTR_FUNCTION = "user.dmover.function"
 XATTR_NONBLOCK = "user.dmover.nonblock"
+#: Read-only: the server's pid, in decimal. Identifies a dmoverfs session (the preload shim uses it).
+XATTR_SERVER = "user.dmover.server"

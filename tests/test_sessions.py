@@ -202,3 +202,13 @@ def test_stats_is_json_with_the_counters(mnt):
 def test_stats_is_read_only(mnt):
     assert errno_of(os.open, mnt / "stats", os.O_WRONLY) == errno.EACCES
     assert errno_of(os.open, mnt / "newfile", os.O_CREAT | os.O_WRONLY) == errno.EPERM
+
+
+def test_server_xattr_names_the_server(server, mnt):
+    fd = open_session(mnt)
+    try:
+        assert os.getxattr(fd, "user.dmover.server") == str(server.pid).encode()
+        assert "user.dmover.server" in os.listxattr(fd)
+        assert errno_of(os.setxattr, fd, "user.dmover.server", b"1") == errno.EPERM
+    finally:
+        os.close(fd)

@@ -60,6 +60,8 @@ struct dmio_setfunc {
  */
 #define DMOVERFS_XATTR_FUNCTION	"user.dmover.function"
 #define DMOVERFS_XATTR_NONBLOCK	"user.dmover.nonblock"
+/* Read-only: the pid of the server, in decimal; present on every session. */
+#define DMOVERFS_XATTR_SERVER	"user.dmover.server"
 
 #if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L && defined(__x86_64__)
 _Static_assert(sizeof(dmio_buffer) == 16, "dmio_buffer is 16 bytes");
