@@ -117,6 +117,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dmoverfs import bench
+
+    return bench.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmoverfs", description="NetBSD's /dev/dmoverio data mover as a FUSE file system.")
     parser.add_argument("--version", action="version", version=f"dmoverfs {__version__}")
@@ -145,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
     status.set_defaults(func=cmd_status)
+
+    from dmoverfs.bench import add_arguments as bench_arguments
+
+    bench = sub.add_parser("bench", help="benchmark against a C floor server and the kernel's copy (writes a table, JSON, PNG)")
+    bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
