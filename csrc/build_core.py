@@ -1,8 +1,8 @@
 """cffi builders of the package's C extensions.
 
-``dmoverfs._core`` is the C core; ``dmoverfs._stream_open`` is the small
-libfuse interposer that makes session opens FOPEN_STREAM (see
-``server/stream_open.c``).
+``dmoverfs._core`` is the C core; ``dmoverfs._fuse_hooks`` holds the small
+libfuse interposers of the server (``server/stream_open.c``: session opens
+are FOPEN_STREAM; ``server/interrupts.c``: FUSE_INTERRUPT reaches Python).
 
 The declarations given to cffi are read from ``core/dmcore.h`` (the block
 between its cdef markers) so the header stays the one source of truth; the
@@ -87,24 +87,24 @@ def pkg_config(*args: str) -> list[str]:
     return out.split()
 
 
-def make_stream_builder() -> cffi.FFI:
-    """A cffi builder for ``dmoverfs._stream_open``, the fuse_reply_open interposer."""
+def make_hooks_builder() -> cffi.FFI:
+    """A cffi builder for ``dmoverfs._fuse_hooks``, the server's libfuse interposers."""
     ffi = cffi.FFI()
-    ffi.cdef(header_cdef(SERVER / "stream_open.h"))
+    ffi.cdef(header_cdef(SERVER / "fuse_hooks.h") + 'extern "Python" void dmoverfs_on_interrupt(void *req);')
     ffi.set_source(
-        "dmoverfs._stream_open",
-        '#include "stream_open.h"\n',
-        sources=[str(SERVER / "stream_open.c")],
+        "dmoverfs._fuse_hooks",
+        '#include "fuse_hooks.h"\n',
+        sources=[str(SERVER / "stream_open.c"), str(SERVER / "interrupts.c")],
         include_dirs=[str(SERVER), *(f[2:] for f in pkg_config("--cflags-only-I", "fuse3"))],
         extra_compile_args=["-std=gnu11", "-O2", *WARNINGS],
-        libraries=["fuse3"],
+        libraries=["fuse3", "dl"],
     )
     return ffi
 
 
 def builders() -> list[cffi.FFI]:
     """Every extension module of the package."""
-    return [make_builder(), make_stream_builder()]
+    return [make_builder(), make_hooks_builder()]
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The ``dmoverfs`` command: mount, unmount, status."""
+"""The ``dmoverfs`` command: mount, unmount, status; cflags, preload, exec for C programs."""
 
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def _server_args(args: argparse.Namespace) -> list[str]:
         out.append("--allow-other")
     if args.debug:
         out.append("--debug")
+    if args.dev_link:
+        out.append("--dev-link")
     return out
 
 
@@ -59,6 +61,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise SystemExit(f"dmoverfs: {exc}") from None
     if mounting.is_mounted(mountpoint):
         raise SystemExit(f"dmoverfs: {mountpoint} is already mounted (dmoverfs unmount {mountpoint})")
+    if args.dev_link:
+        try:
+            mounting.check_dev_link(mountpoint)
+        except mounting.MountError as exc:
+            raise SystemExit(f"dmoverfs: {exc}") from None
     mountpoint.mkdir(parents=True, exist_ok=True)
     if args.foreground:
         from dmoverfs.server import serve  # imports pyfuse3 and the C core only here
@@ -68,9 +75,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
             format="%(asctime)s dmoverfs[%(process)d] %(levelname)s %(name)s: %(message)s",
         )
         try:
+            if args.dev_link:
+                # Made before serving: it answers once the mount does, before "ready".
+                mounting.make_dev_link(mountpoint)
             serve(str(mountpoint), tunables, allow_other=args.allow_other, debug=args.debug, ready_fd=args.ready_fd)
         except OSError as exc:
             raise SystemExit(f"dmoverfs: {exc.strerror or exc}") from None
+        except mounting.MountError as exc:
+            raise SystemExit(f"dmoverfs: {exc}") from None
+        finally:
+            if args.dev_link:
+                mounting.remove_dev_link(mountpoint)
         return 0
     log_file = Path(args.log_file) if args.log_file else paths.default_log_file(mountpoint)
     try:
@@ -78,6 +93,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     except mounting.MountError as exc:
         raise SystemExit(f"dmoverfs: {exc}") from None
     print(f"dmoverfs mounted at {mountpoint} (server pid {pid}, log {log_file})")
+    if args.dev_link:
+        print(f"{mounting.DEV_LINK} -> {mounting.dev_link_target(mountpoint)}")
     print(f"unmount with: dmoverfs unmount {mountpoint}")
     return 0
 
@@ -123,6 +140,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+def cmd_cflags(args: argparse.Namespace) -> int:
+    from dmoverfs import native
+
+    try:
+        print(native.cflags())
+    except native.NativeFileMissing as exc:
+        raise SystemExit(f"dmoverfs: {exc}") from None
+    return 0
+
+
+def cmd_preload(args: argparse.Namespace) -> int:
+    from dmoverfs import native
+
+    try:
+        print(native.preload_library())
+    except native.NativeFileMissing as exc:
+        raise SystemExit(f"dmoverfs: {exc}") from None
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    """Run a program with the shim preloaded and DMOVERIO_PATH at the mount; replaces this process."""
+    from dmoverfs import native
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise SystemExit("dmoverfs exec: no program given (dmoverfs exec [--mountpoint DIR] -- PROGRAM [ARGS...])")
+    mountpoint = _mountpoint(args)
+    if not mounting.is_mounted(mountpoint):
+        raise SystemExit(f"dmoverfs: no dmoverfs mount at {mountpoint} (dmoverfs mount {mountpoint})")
+    try:
+        env = native.exec_environment(mountpoint, os.environ)
+    except native.NativeFileMissing as exc:
+        raise SystemExit(f"dmoverfs: {exc}") from None
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as exc:
+        print(f"dmoverfs exec: {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmoverfs", description="NetBSD's /dev/dmoverio data mover as a FUSE file system.")
     parser.add_argument("--version", action="version", version=f"dmoverfs {__version__}")
@@ -139,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--foreground", action="store_true", help="serve in this process instead of the background")
     mount.add_argument("--debug", action="store_true", help="log every FUSE request")
     mount.add_argument("--log-file", help="log of the background server")
+    mount.add_argument("--dev-link", action="store_true", help="make /dev/dmoverio a link to the mount while it is up (root)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.set_defaults(func=cmd_mount)
 
@@ -151,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
     status.set_defaults(func=cmd_status)
+
+    cflags = sub.add_parser("cflags", help="print the compiler flags for <dev/dmover/dmover_io.h>")
+    cflags.set_defaults(func=cmd_cflags)
+    preload = sub.add_parser("preload", help="print the path of libdmoverio.so, the LD_PRELOAD shim")
+    preload.set_defaults(func=cmd_preload)
+    run = sub.add_parser(
+        "exec",
+        help="run a NetBSD dmoverio program: the shim preloaded, DMOVERIO_PATH at the mount",
+        usage="dmoverfs exec [--mountpoint DIR] -- PROGRAM [ARGS...]",
+    )
+    run.add_argument("--mountpoint", help=f"the mount to use (default {paths.default_mountpoint()})")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="the program and its arguments")
+    run.set_defaults(func=cmd_exec)
 
     from dmoverfs.bench import add_arguments as bench_arguments
 

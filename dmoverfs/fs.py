@@ -25,9 +25,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from dmoverfs import fuse
 from dmoverfs.core import Function
 from dmoverfs.fuse import pyfuse3
-from dmoverfs.session import Handle, Session
+from dmoverfs.session import Handle, Session, Waiter
 from dmoverfs.wire import XATTR_FUNCTION, XATTR_NONBLOCK, XATTR_SERVER
 
 log = logging.getLogger(__name__)
@@ -286,13 +287,23 @@ class DmoverOperations(pyfuse3.Operations):
         handle = self.handles.get(fh)
         if isinstance(handle, StatsHandle):
             return handle.data[off : off + size]
+        req = fuse.current_request()  # before any await: see dmoverfs.fuse
         handle = self._session_handle(fh)
-        return await handle.session.read(handle, size)
+        waiter = Waiter(lambda w: fuse.watch(req, w.interrupt))
+        try:
+            return await handle.session.read(handle, size, waiter)
+        finally:
+            fuse.unwatch(req)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        req = fuse.current_request()  # before any await: see dmoverfs.fuse
         handle = self._session_handle(fh)
-        return await handle.session.write(handle, buf)
+        waiter = Waiter(lambda w: fuse.watch(req, w.interrupt))
+        try:
+            return await handle.session.write(handle, buf, waiter)
+        finally:
+            fuse.unwatch(req)
 
     async def flush(self, fh: int) -> None:
         return None

@@ -147,5 +147,67 @@ def unmount(mountpoint: Path) -> None:
             pid = None
     if pid is not None and _wait(lambda: not is_mounted(mountpoint), STOP_TIMEOUT_S):
         _wait(lambda: not _pid_alive(pid), STOP_TIMEOUT_S)
+    else:
+        lazy_unmount(mountpoint)
+    # The server removes its /dev/dmoverio on the way out; a killed one could not.
+    remove_dev_link(mountpoint)
+
+
+# -- /dev/dmoverio -------------------------------------------------------------------
+
+DEV_LINK = Path("/dev/dmoverio")
+
+
+def dev_link_target(mountpoint: Path) -> Path:
+    """What ``/dev/dmoverio`` points to for the mount at *mountpoint*: its clone file."""
+    return Path(os.path.abspath(mountpoint)) / "dmoverio"
+
+
+def check_dev_link(mountpoint: Path) -> None:
+    """Raise MountError unless ``mount --dev-link`` may (re)place ``/dev/dmoverio`` for *mountpoint*.
+
+    Needs root. ``/dev/dmoverio`` may be absent, already point here, or be a
+    link left by a dmoverfs mount that is gone (its directory is not mounted);
+    anything else (a real device, another live mount's link) is left alone.
+    """
+    if os.geteuid() != 0:
+        raise MountError(f"--dev-link needs root: it creates {DEV_LINK} (without it, programs find the mount through the shim)")
+    try:
+        target = os.readlink(DEV_LINK)
+    except FileNotFoundError:
         return
-    lazy_unmount(mountpoint)
+    except OSError:
+        raise MountError(f"{DEV_LINK} exists and is not a symbolic link: not replacing it") from None
+    target_path = Path(os.path.abspath(DEV_LINK.parent / target))  # a relative link is relative to /dev
+    if target_path == dev_link_target(mountpoint):
+        return
+    if target_path.name == "dmoverio" and target_path.parent not in mounts():
+        return  # a link of a dmoverfs mount that is gone
+    raise MountError(f"{DEV_LINK} already points to {target}: remove it or mount without --dev-link")
+
+
+def make_dev_link(mountpoint: Path) -> None:
+    """Point ``/dev/dmoverio`` at the clone file of *mountpoint* (atomically replacing a stale link)."""
+    check_dev_link(mountpoint)
+    tmp = DEV_LINK.with_name(f".{DEV_LINK.name}.{os.getpid()}")
+    try:
+        os.symlink(dev_link_target(mountpoint), tmp)
+        os.replace(tmp, DEV_LINK)
+    except OSError as exc:
+        raise MountError(f"cannot create {DEV_LINK}: {exc.strerror}") from None
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+def remove_dev_link(mountpoint: Path) -> bool:
+    """Remove ``/dev/dmoverio`` if it still points to *mountpoint*'s clone file; True if removed."""
+    try:
+        if Path(os.readlink(DEV_LINK)) != dev_link_target(mountpoint):
+            return False
+        os.unlink(DEV_LINK)
+    except OSError:
+        return False
+    return True

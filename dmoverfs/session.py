@@ -12,6 +12,7 @@ import errno
 import os
 import select
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,6 +45,34 @@ class Counters:
     sessions_total: int = 0
     queue_waits: int = 0
     read_waits: int = 0
+
+
+class Waiter:
+    """One read or write that may block.
+
+    The FUSE layer ties it to its request: :meth:`interrupt` (the kernel's
+    FUSE_INTERRUPT, i.e. the client got a signal) makes the wait fail with
+    EINTR. *on_first_wait* runs once, just before the call first blocks, so
+    calls that never block cost nothing extra.
+    """
+
+    __slots__ = ("interrupted", "_wake", "_on_first_wait")
+
+    def __init__(self, on_first_wait: Callable[[Waiter], None] | None = None) -> None:
+        self.interrupted = False
+        self._wake: Callable[[], None] | None = None
+        self._on_first_wait = on_first_wait
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+        if self._wake is not None:
+            self._wake()
+
+    def before_wait(self, wake: Callable[[], None]) -> None:
+        if self._on_first_wait is not None:
+            callback, self._on_first_wait = self._on_first_wait, None
+            callback(self)
+        self._wake = wake
 
 
 @dataclass(eq=False)
@@ -115,7 +144,7 @@ class Session:
 
     # -- the data path -----------------------------------------------------------------
 
-    async def write(self, handle: Handle, data: bytes) -> int:
+    async def write(self, handle: Handle, data: bytes, waiter: Waiter | None = None) -> int:
         """Accept requests; returns the bytes of the requests accepted (short on error/full)."""
         count = _whole(len(data), REQ_SIZE)
         self._check_usable()
@@ -141,15 +170,20 @@ class Session:
                 break
             self._counters.queue_waits += 1
             try:
-                await self._wait(self._writers)
+                await self._wait(self._writers, waiter)
             except OSError:
                 if done == 0:
                     raise
                 break
         return done * REQ_SIZE
 
-    async def read(self, handle: Handle, size: int) -> bytes:
-        """Return responses; a blocking read waits until its buffer is full."""
+    async def read(self, handle: Handle, size: int, waiter: Waiter | None = None) -> bytes:
+        """Return responses; a blocking read waits until its buffer is full.
+
+        A blocking read takes responses only once all it asks for (or a whole
+        queue's worth) are ready, so an interrupted read never holds
+        responses it could lose.
+        """
         want = _whole(size, RESP_SIZE)
         self._check_usable()
         if want == 0:
@@ -157,23 +191,23 @@ class Session:
         self.atime_ns = _now()
         chunks: list[bytes] = []
         got = 0
-        while True:
-            data = self._core.take(want - got)
-            if data:
+        while got < want:
+            _, ready = self._core.counts()
+            if ready and (handle.nonblock or ready >= min(want - got, self.depth)):
+                data = self._core.take(want - got)
                 got += len(data) // RESP_SIZE
                 chunks.append(data)
                 self._after_take()
-            if got == want:
-                break
+                continue
             if handle.nonblock:
                 if got == 0:
                     raise OSError(errno.EAGAIN, "no response is ready")
                 break
             self._counters.read_waits += 1
             try:
-                await self._wait(self._readers)
+                await self._wait(self._readers, waiter)
             except OSError:
-                # Responses already taken are delivered, never dropped.
+                # Only a read longer than the queue can hold responses here: deliver them.
                 if got == 0:
                     raise
                 break
@@ -230,10 +264,16 @@ class Session:
         if self.function is None:
             raise OSError(errno.ENXIO, "no function selected")
 
-    async def _wait(self, lot: trio.lowlevel.ParkingLot) -> None:
+    async def _wait(self, lot: trio.lowlevel.ParkingLot, waiter: Waiter | None) -> None:
+        if waiter is not None:
+            waiter.before_wait(lot.unpark_all)
+            if waiter.interrupted:
+                raise OSError(errno.EINTR, "interrupted")
         await lot.park()
         if self._down:
             raise OSError(errno.ENXIO, "the server is shutting down")
+        if waiter is not None and waiter.interrupted:
+            raise OSError(errno.EINTR, "interrupted")
 
     def _after_submit(self) -> None:
         # Small requests completed inline: a concurrent reader or poller may proceed.

@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from dmoverfs import __version__
-from dmoverfs.fuse import stream_opens
+from dmoverfs.fuse import interrupts_enabled, stream_opens
 
 if TYPE_CHECKING:
     from dmoverfs.server import Device
@@ -26,6 +26,7 @@ def snapshot(device: Device) -> dict[str, Any]:
             "uptime_s": round((time.time_ns() - device.started_ns) / 1e9, 3),
             "shutting_down": device.shutting_down,
             "stream_opens": stream_opens(),
+            "interrupts": interrupts_enabled(),
         },
         "sessions": {
             "open": len(sessions),

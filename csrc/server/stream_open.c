@@ -17,7 +17,7 @@
 #include <stdatomic.h>
 #include <string.h>
 
-#include "stream_open.h"
+#include "fuse_hooks.h"
 
 static atomic_ulong stream_opens;	/* how many opens this reply served */
 
