@@ -114,14 +114,11 @@ def _wait(predicate, timeout: float) -> bool:
     return predicate()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _wait_exit(pidfd: int, timeout: float) -> bool:
+    """True once the process behind *pidfd* has exited (a zombie counts: we cannot reap it)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(int(timeout * 1000)))
 
 
 def lazy_unmount(mountpoint: Path) -> None:
@@ -140,15 +137,21 @@ def unmount(mountpoint: Path) -> None:
     if not is_mounted(mountpoint):
         raise MountError(f"{mountpoint} is not a dmoverfs mount")
     pid = server_pid(mountpoint)
+    pidfd = None
     if pid is not None:
         try:
-            os.kill(pid, signal.SIGTERM)
+            pidfd = os.pidfd_open(pid)
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
-            pid = None
-    if pid is not None and _wait(lambda: not is_mounted(mountpoint), STOP_TIMEOUT_S):
-        _wait(lambda: not _pid_alive(pid), STOP_TIMEOUT_S)
-    else:
-        lazy_unmount(mountpoint)
+            pidfd = None
+    try:
+        if pidfd is not None and _wait(lambda: not is_mounted(mountpoint), STOP_TIMEOUT_S):
+            _wait_exit(pidfd, STOP_TIMEOUT_S)
+        else:
+            lazy_unmount(mountpoint)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
     # The server removes its /dev/dmoverio on the way out; a killed one could not.
     remove_dev_link(mountpoint)
 
