@@ -73,12 +73,13 @@ ival_cmp(const void *a, const void *b)
 	return (x->lo > y->lo) - (x->lo < y->lo);
 }
 
-/* [lo, hi) of a segment, hi saturated: a wrapping segment reaches the top. */
+/* [lo, hi] of a non-empty segment, hi saturated: a wrapping segment reaches
+ * the top (inclusive, so that the last byte of the address space counts). */
 static struct dm_ival
 seg_ival(const struct iovec *v)
 {
 	uint64_t lo = (uintptr_t)v->iov_base;
-	uint64_t hi = v->iov_len > UINT64_MAX - lo ? UINT64_MAX : lo + v->iov_len;
+	uint64_t hi = v->iov_len - 1 > UINT64_MAX - lo ? UINT64_MAX : lo + (v->iov_len - 1);
 
 	return (struct dm_ival){ lo, hi };
 }
@@ -119,15 +120,15 @@ overlaps(struct dm_exec *x, const struct dm_req *r, int nin)
 			if (v->iov_len == 0)
 				continue;
 			s = seg_ival(v);
-			while (a < b) {	/* first interval ending after s.lo */
+			while (a < b) {	/* first interval ending at or after s.lo */
 				size_t mid = a + (b - a) / 2;
 
-				if (iv[mid].hi <= s.lo)
+				if (iv[mid].hi < s.lo)
 					a = mid + 1;
 				else
 					b = mid;
 			}
-			if (a < m && iv[a].lo < s.hi)
+			if (a < m && iv[a].lo <= s.hi)
 				return true;
 		}
 	return false;

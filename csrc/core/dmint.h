@@ -108,7 +108,7 @@ int dm_put(struct dm_exec *x, struct dm_peer *p, struct dm_rcur *cur,
 /* --- exec.c -------------------------------------------------------------- */
 
 struct dm_ival {
-	uint64_t lo, hi;		/* [lo, hi) */
+	uint64_t lo, hi;		/* [lo, hi], both inclusive */
 };
 
 /* Everything one thread needs to run requests, allocated once. */
