@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -142,6 +143,15 @@ async def _run(device: Device, ready_fd: int | None) -> None:
         nursery.cancel_scope.cancel()
 
 
+def _raise_open_file_limit(tunables: Tunables) -> None:
+    """Every session holds a pidfd: take the hard limit on open files, and say if it is short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard != resource.RLIM_INFINITY and hard < tunables.max_sessions + 64:
+        log.warning("open files are limited to %d: fewer than --max-sessions %d can be open", hard, tunables.max_sessions)
+
+
 def serve(
     mountpoint: str,
     tunables: Tunables,
@@ -155,6 +165,7 @@ def serve(
     When *ready_fd* is given, ``ready`` is written to it once the mount
     answers requests, and the descriptor is closed.
     """
+    _raise_open_file_limit(tunables)
     device = Device(tunables, mountpoint)
     ops = DmoverOperations(device)
     options = set(pyfuse3.default_options) | {"fsname=dmoverfs", "subtype=dmoverfs"}
