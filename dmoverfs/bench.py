@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH_SRC = REPO / "csrc" / "bench"
 INCLUDE_DIR = REPO / "csrc" / "include"
 FLOOR_FSTYPE = "fuse.dmoverfs-floor"
+PYFLOOR_FSTYPE = "fuse.dmoverfs-pyfloor"
 CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra"]
 MiB = 1 << 20
 
@@ -335,10 +336,11 @@ class Mount:
             return ""
 
 
-def start_floor(binary: Path, mount: Mount, mt: bool) -> None:
+def _start_with_ready_fd(cmd: list[str], mount: Mount) -> None:
+    """Start a server that writes ``ready`` to the descriptor after ``-r``/``--ready-fd``."""
     mount.mountpoint.mkdir(parents=True, exist_ok=True)
     read_end, write_end = os.pipe()
-    cmd = [str(binary), *(["-m"] if mt else []), "-r", str(write_end), str(mount.mountpoint)]
+    cmd = [c.replace("{fd}", str(write_end)) for c in cmd]
     with open(mount.log, "ab") as log, INTERRUPTS.critical():
         mount.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_end,), start_new_session=True
@@ -350,7 +352,17 @@ def start_floor(binary: Path, mount: Mount, mt: bool) -> None:
     finally:
         os.close(read_end)
     if not answer.startswith(b"ready"):
-        raise BenchError(f"the floor server did not start:\n{mount.log_text()[-2000:]}")
+        raise BenchError(f"the {mount.name} server did not start:\n{mount.log_text()[-2000:]}")
+
+
+def start_floor(binary: Path, mount: Mount, mt: bool) -> None:
+    """The C floor server (csrc/bench/floor.c)."""
+    _start_with_ready_fd([str(binary), *(["-m"] if mt else []), "-r", "{fd}", str(mount.mountpoint)], mount)
+
+
+def start_pyfloor(mount: Mount) -> None:
+    """The pyfuse3 floor (dmoverfs.bench_pyfloor): the C core behind the thinnest pyfuse3 handlers."""
+    _start_with_ready_fd([sys.executable, "-m", "dmoverfs.bench_pyfloor", "--ready-fd", "{fd}", str(mount.mountpoint)], mount)
 
 
 def start_dmoverfs(mount: Mount) -> None:
@@ -386,6 +398,7 @@ class Bench:
         self.mounts: list[Mount] = []
         self._clients: list[subprocess.Popen] = []
         self.floor: Mount | None = None
+        self.pyfloor: Mount | None = None
         self.dmoverfs: Mount | None = None
         self.warnings = ""
         self.progress = Progress(1, progress_stream)
@@ -432,8 +445,11 @@ class Bench:
         self.floor_bin, self.client_bin, self.warnings = build(self.workdir, while_waiting=_preload)
         self.floor = Mount("floor", self.workdir / "floor-mnt", FLOOR_FSTYPE, self.workdir / "floor.log")
         self.dmoverfs = Mount("dmoverfs", self.workdir / "dmoverfs-mnt", mounting.FSTYPE, self.workdir / "dmoverfs.log")
-        self.mounts = [self.floor, self.dmoverfs]
+        self.pyfloor = Mount("pyfuse3 floor", self.workdir / "pyfloor-mnt", PYFLOOR_FSTYPE, self.workdir / "pyfloor.log")
+        self.mounts = [self.floor, self.pyfloor, self.dmoverfs]
         start_floor(self.floor_bin, self.floor, self.s.floor_mt)
+        if self.s.only & {1, 2}:
+            start_pyfloor(self.pyfloor)
         start_dmoverfs(self.dmoverfs)
         self.info = machine_info(self.dmoverfs)
 
@@ -493,7 +509,7 @@ class Bench:
     def plan(self) -> list[tuple[int, int]]:
         """(group, runs) of what will be measured, for the progress display."""
         r = self.s.rounds
-        runs = {1: 2 * r, 2: 2 * r, 3: 2 * r, 4: 2 * r, 5: 3 * r, 6: 4 * r, 7: 2 * r, 8: 5 * r, 9: 6}
+        runs = {1: 3 * r, 2: 3 * r, 3: 2 * r, 4: 2 * r, 5: 3 * r, 6: 4 * r, 7: 2 * r, 8: 5 * r, 9: 6}
         return [(g, runs[g]) for g in sorted(self.s.only)]
 
     def run(self) -> list[Figure]:
@@ -523,16 +539,30 @@ class Bench:
             self.figures.append(Figure(str(group), group, title, unit, b, a, TARGETS[group], note=note))
 
         for group, batch in ((1, 1), (2, 64)):
-            if group in only:
-                pair(
+            if group not in only:
+                continue
+            title = f"4 KiB zero, {batch} per write / {batch} per read"
+            a, p, b = Series("floor"), Series("pyfuse3 floor"), Series("dmoverfs")
+            assert self.pyfloor is not None
+            runs = [
+                (a, functools.partial(self.small, fl, batch)),
+                (p, functools.partial(self.small, self.pyfloor, batch)),
+                (b, functools.partial(self.small, dm, batch)),
+            ]
+            self.alternate(f"fig {group}: {title}", runs, "req/s")
+            self.figures.append(Figure(str(group), group, title, "req/s", b, a, TARGETS[group]))
+            self.figures.append(
+                Figure(
+                    f"{group}p",
                     group,
-                    f"4 KiB zero, {batch} per write / {batch} per read",
+                    f"{title}: pyfuse3 floor (context)",
                     "req/s",
-                    Series("floor"),
-                    functools.partial(self.small, fl, batch),
-                    Series("dmoverfs"),
-                    functools.partial(self.small, dm, batch),
+                    p,
+                    a,
+                    note="the same C core behind the thinnest pyfuse3 handlers (dmoverfs.bench_pyfloor): "
+                    "floor to here is pyfuse3 and trio, here to dmoverfs is dmoverfs's Python layers",
                 )
+            )
         if 3 in only:
             pair(
                 3,
@@ -925,24 +955,28 @@ def chart(figures: list[Figure], path: Path, title: str) -> None:
         ax_tp.invert_yaxis()
     ax_tp.set_title("MB/s: dmoverfs (blue), C/kernel reference (orange), Python in process (gray)", fontsize=10)
 
-    small = [f for f in figures if f.unit == "req/s"]
+    small = [f for f in figures if f.unit == "req/s" and f.target is not None]
     if small:
-        x = range(len(small))
-        ax_small.bar(
-            [i - 0.2 for i in x],
-            [f.reference.median if f.reference else 0 for f in small],
-            width=0.4,
-            color="tab:orange",
-            label="floor (C, libfuse low-level)",
-        )
-        ax_small.bar([i + 0.2 for i in x], [f.value.median for f in small], width=0.4, color="tab:blue", label="dmoverfs")
-        for i, f in enumerate(small):
-            if f.reference is not None:
-                ax_small.text(i - 0.2, f.reference.median, f"{f.reference.median:,.0f}", ha="center", va="bottom", fontsize=7)
-            ax_small.text(i + 0.2, f.value.median, f"{f.value.median:,.0f}", ha="center", va="bottom", fontsize=7)
+        context = {f.group: f for f in figures if f.unit == "req/s" and f.target is None}
+        bars = [
+            ("floor (C, libfuse low-level)", "tab:orange", lambda f: f.reference.median if f.reference else 0.0),
+            (
+                "pyfuse3 floor (C core, thinnest handlers)",
+                "tab:gray",
+                lambda f: context[f.group].value.median if f.group in context else 0.0,
+            ),
+            ("dmoverfs", "tab:blue", lambda f: f.value.median),
+        ]
+        for k, (label, color, get) in enumerate(bars):
+            xs = [i + (k - 1) * 0.27 for i in range(len(small))]
+            values = [get(f) for f in small]
+            ax_small.bar(xs, values, width=0.27, color=color, label=label)
+            for x, v in zip(xs, values):
+                if v > 0:
+                    ax_small.text(x, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=7)
         ax_small.set_yscale("log")
-        ax_small.set_xticks(list(x), [f.title for f in small], fontsize=8)
-        ax_small.legend(fontsize=8)
+        ax_small.set_xticks(list(range(len(small))), [f.title for f in small], fontsize=8)
+        ax_small.legend(fontsize=8, loc="lower right")
     ax_small.set_title("small requests, req/s (log scale)", fontsize=10)
 
     mem = [f for f in figures if f.unit == "MiB"]

@@ -26,28 +26,9 @@ from dmoverfs import bench, mounting
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TARGETED = {"1": 0.8, "2": 0.6, "3": 0.8, "4": 0.8, "5": 0.6, "7": 1.5}
-EXPECTED_KEYS = {
-    "1",
-    "2",
-    "3",
-    "4",
-    "5",
-    "5b",
-    "6-xor2",
-    "6-xor8",
-    "6-xor16",
-    "6-fill8",
-    "7",
-    "8-ctypes.memset",
-    "8-ctypes.memmove",
-    "8-numpy xor2",
-    "8-numpy xor16",
-    "8-google-crc32c",
-    "9-idle",
-    "9-idle-after",
-    "9-sessions",
-    "9-sessions-closed",
-}
+EXPECTED_KEYS = set(
+    "1 1p 2 2p 3 4 5 5b 6-xor2 6-xor8 6-xor16 6-fill8 7 9-idle 9-idle-after 9-sessions 9-sessions-closed".split()
+) | {"8-ctypes.memset", "8-ctypes.memmove", "8-numpy xor2", "8-numpy xor16", "8-google-crc32c"}
 
 
 def bench_env(tmp_path: Path) -> dict[str, str]:
@@ -73,7 +54,7 @@ def processes_mentioning(text: str) -> list[str]:
 
 def assert_nothing_left(tmp_path: Path) -> None:
     tmp = tmp_path / "tmp"
-    for fstype in (mounting.FSTYPE, bench.FLOOR_FSTYPE):
+    for fstype in (mounting.FSTYPE, bench.FLOOR_FSTYPE, bench.PYFLOOR_FSTYPE):
         left = [m for m in mounting.mounts(fstype) if str(m).startswith(str(tmp))]
         assert not left, f"mounts left behind: {left}"
     deadline = time.monotonic() + 10
@@ -104,6 +85,8 @@ def test_quick_run_writes_table_json_and_png(tmp_path):
         value = fig["value"]
         assert value["runs"] and all(math.isfinite(v) and v > 0 for v in value["runs"]), key
         assert value["median"] > 0, key
+        if key in ("1p", "2p"):
+            assert fig["ratio"] == pytest.approx(value["median"] / fig["reference"]["median"])
         if key in TARGETED:
             assert fig["target"] == TARGETED[key]
             assert fig["reference"]["median"] > 0
