@@ -913,7 +913,7 @@ def chart(figures: list[Figure], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(15, 10))
+    fig, axes = plt.subplots(2, 2, figsize=(16, 10))
     (ax_ratio, ax_tp), (ax_small, ax_mem) = axes
     fig.suptitle(title, fontsize=11)
 
@@ -953,7 +953,7 @@ def chart(figures: list[Figure], path: Path, title: str) -> None:
             ax_tp.text(v, i, f" {v:,.0f}", va="center", fontsize=6)
         ax_tp.set_yticks(range(len(tp)), [n for n, _, _ in tp], fontsize=7)
         ax_tp.invert_yaxis()
-    ax_tp.set_title("MB/s: dmoverfs (blue), C/kernel reference (orange), Python in process (gray)", fontsize=10)
+    ax_tp.set_title("MB/s: dmoverfs (blue), C/kernel reference (orange), Python (gray)", fontsize=10)
 
     small = [f for f in figures if f.unit == "req/s" and f.target is not None]
     if small:
@@ -975,8 +975,10 @@ def chart(figures: list[Figure], path: Path, title: str) -> None:
                 if v > 0:
                     ax_small.text(x, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=7)
         ax_small.set_yscale("log")
+        top = max(get(f) for _, _, get in bars for f in small)
+        ax_small.set_ylim(top=top * 8)
         ax_small.set_xticks(list(range(len(small))), [f.title for f in small], fontsize=8)
-        ax_small.legend(fontsize=8, loc="lower right")
+        ax_small.legend(fontsize=8, loc="upper left")
     ax_small.set_title("small requests, req/s (log scale)", fontsize=10)
 
     mem = [f for f in figures if f.unit == "MiB"]
