@@ -866,6 +866,7 @@ def machine_info(dm: Mount) -> dict:
         "pyfuse3": pyfuse3_version,
         "dmoverfs": __version__,
         "core_kernels": kernels,
+        "loadavg_start": os.getloadavg()[0],
     }
 
 
@@ -875,7 +876,9 @@ def table(figures: list[Figure], info: dict, settings: Settings) -> str:
     head = [
         f"dmoverfs benchmark, {when}: {info.get('cpus')} CPUs ({info.get('cpu')}), Linux {info.get('kernel')}, "
         f"C core kernels: {info.get('core_kernels') or '?'}",
-        f"medians of {settings.rounds} alternating run(s) of {settings.seconds:g} s; MB = 10^6 bytes"
+        f"medians of {settings.rounds} alternating run(s) of {settings.seconds:g} s; MB = 10^6 bytes; "
+        f"load average {info.get('loadavg_start', 0):.1f} at the start, {info.get('loadavg_end', 0):.1f} at the end"
+        + (" (a busy machine: expect noise)" if info.get("loadavg_start", 0) > 1.0 else "")
         + (" [QUICK: sizes and times cut, figures not meaningful]" if settings.quick else ""),
         "",
     ]
@@ -1033,7 +1036,7 @@ def run(settings: Settings, out: Path, stream=None) -> tuple[list[Figure], str]:
     with INTERRUPTS.installed(), Bench(settings, stream) as bench:
         figures = bench.run()
         log = bench.dmoverfs.log_text() if bench.dmoverfs else ""
-        info = bench.info
+        info = {**bench.info, "loadavg_end": os.getloadavg()[0]}
         warnings = bench.warnings
     if "Traceback" in log or " CRITICAL " in log:
         raise BenchError(f"the dmoverfs server logged errors:\n{log[-4000:]}")
