@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from dmoverfs import __version__, mounting, paths
+from dmoverfs import __version__, mount_helper, mounting, paths
 from dmoverfs.tunables import Tunables
 
 
@@ -78,6 +78,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
             if args.dev_link:
                 # Made before serving: it answers once the mount does, before "ready".
                 mounting.make_dev_link(mountpoint)
+            if args.ready_fd is None:  # under a systemd Type=notify unit: READY=1 once the mount answers
+                args.ready_fd = mount_helper.systemd_ready_fd(mountpoint)
             serve(str(mountpoint), tunables, allow_other=args.allow_other, debug=args.debug, ready_fd=args.ready_fd)
         except OSError as exc:
             raise SystemExit(f"dmoverfs: {exc.strerror or exc}") from None
@@ -235,7 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dmoverfs`` command."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if mount_helper.is_helper_form(argv, mount_helper.subcommands(parser)):
+        argv = mount_helper.mount_argv(argv)  # `dmoverfs SOURCE DIR -o OPTS`, as mount.fuse3 runs it
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
