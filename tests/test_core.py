@@ -45,7 +45,7 @@ GUARD = 0xA5  # fill of the gaps around scattered pieces
 Segment = tuple[int, int]  # (address, length)
 
 XOR_FUNCS = [f"xor{n}" for n in range(2, 17)]
-ALL_FUNCS = ["zero", "fill8", "copy", *XOR_FUNCS, "iscsi-crc32c"]
+ALL_FUNCS = ["zero", "fill8", "copy", *XOR_FUNCS, "iscsi-crc32c", "fill64", "compare", "copy-crc32c"]
 
 
 # --- building and loading the module ----------------------------------------
@@ -377,8 +377,8 @@ def test_function_table_is_stable(cm):
     for i, name in enumerate(ALL_FUNCS):
         assert ffi.string(lib.dm_func_name(i)).decode() == name
         assert lib.dm_func_lookup(name.encode()) == i
-    assert [lib.dm_func_ninputs(i) for i in range(len(ALL_FUNCS))] == [0, 0, 1, *range(2, 17), 1]
-    assert [lib.dm_func_has_output(i) for i in range(len(ALL_FUNCS))] == [1] * 18 + [0]
+    assert [lib.dm_func_ninputs(i) for i in range(len(ALL_FUNCS))] == [0, 0, 1, *range(2, 17), 1, 0, 2, 1]
+    assert [lib.dm_func_has_output(i) for i in range(len(ALL_FUNCS))] == [1] * 18 + [0, 1, 0, 1]
     assert lib.dm_func_lookup(b"xor17") == -1
     assert lib.dm_func_lookup(b"") == -1
     assert lib.dm_func_name(len(ALL_FUNCS)) == ffi.NULL

@@ -19,6 +19,7 @@ from dmio import collect, cut, open_session, request, run, submit, whole
 
 XORS = [f"xor{n}" for n in range(2, 17)]
 FUNCTIONS = ["zero", "fill8", "copy", *XORS, "iscsi-crc32c"]
+EXTENSIONS = ["fill64", "compare", "copy-crc32c"]
 SIZES = [0, 1, 7, 4096, 65_537, 300_001, 3 << 20]
 
 
@@ -27,7 +28,7 @@ def random_bytes(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def test_func_directory_lists_every_function(mnt):
-    assert sorted(os.listdir(mnt / "func")) == sorted(FUNCTIONS)
+    assert sorted(os.listdir(mnt / "func")) == sorted(FUNCTIONS + EXTENSIONS)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -228,3 +229,66 @@ def test_sessions_in_parallel_threads(mnt):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+# -- dmoverfs extensions ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_fill64(mnt, size):
+    rng = np.random.default_rng(size + 4)
+    pattern = bytes(rng.integers(0, 256, 8, dtype=np.uint8))
+    out = np.zeros(size, dtype=np.uint8)
+    fd = open_session(mnt, "fill64")
+    try:
+        resp = run(fd, request(1, out=cut(out, rng), immediate=pattern))[1]
+    finally:
+        os.close(fd)
+    assert resp.error == 0
+    assert bytes(out) == (pattern * (size // 8 + 1))[:size]
+
+
+@pytest.mark.parametrize("size", [1, 4096, 300_001, 3 << 20])
+def test_compare_finds_the_first_difference(mnt, size):
+    rng = np.random.default_rng(size + 5)
+    a = random_bytes(rng, size)
+    b = a.copy()
+    where = int(rng.integers(0, size))
+    b[where] ^= 0x40
+    b[min(size - 1, where + 7)] ^= 0x01  # a later difference must not matter
+    twin = a.copy()
+    fd = open_session(mnt, "compare")
+    try:
+        differ = run(fd, request(1, inputs=[cut(a, rng), cut(b, rng)]))[1]
+        same = run(fd, request(2, inputs=[cut(a, rng), cut(twin, rng)]))[2]
+    finally:
+        os.close(fd)
+    assert differ.error == 0 and int.from_bytes(differ.immediate, "little") == where
+    assert same.error == 0 and same.immediate == b"\xff" * 8
+
+
+def test_compare_of_unequal_lengths_is_einval(mnt):
+    a, b = np.zeros(10, np.uint8), np.zeros(11, np.uint8)
+    fd = open_session(mnt, "compare")
+    try:
+        with pytest.raises(OSError) as info:
+            submit(fd, request(1, inputs=[whole(a), whole(b)]))
+    finally:
+        os.close(fd)
+    assert info.value.errno == 22
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_copy_crc32c_copies_and_checksums(mnt, size):
+    rng = np.random.default_rng(size + 6)
+    src = random_bytes(rng, size)
+    dst = np.zeros(size, dtype=np.uint8)
+    seed = google_crc32c.value(b"prefix")
+    fd = open_session(mnt, "copy-crc32c")
+    try:
+        resp = run(fd, request(3, out=cut(dst, rng), inputs=[cut(src, rng)], immediate=seed))[3]
+    finally:
+        os.close(fd)
+    assert resp.error == 0
+    assert bytes(dst) == bytes(src)
+    assert resp.crc == google_crc32c.value(b"prefix" + bytes(src))

@@ -254,7 +254,8 @@ def test_man_page_example_sanitized(mnt, build, shim):
 def test_every_function_through_ioctl_setfunc(mnt, build, shim):
     lines = ok_lines(run([build(EXAMPLES / "netbsd_funcs.c")], preload=shim, env=device(mnt)))
     assert lines == [f"{name}: ok" for name in FUNCTIONS] + [f"netbsd_funcs: all {len(FUNCTIONS)} functions passed"]
-    assert sorted(os.listdir(mnt / "func")) == sorted(FUNCTIONS)
+    # NetBSD's functions, all of them; the mount may offer extensions besides.
+    assert set(FUNCTIONS) <= set(os.listdir(mnt / "func"))
 
 
 def test_an_unknown_function_through_ioctl(mnt, build, shim):

@@ -145,12 +145,11 @@ validate(struct dm_exec *x, struct dm_req *r, int nin)
 	for (int i = 0; i < nin; i++) {
 		if (list_total(&r->in[i], &in_total) != 0)
 			return EINVAL;
-		if (r->out.cnt > 0 && in_total != out_total)
-			return EINVAL;
-		/* Without an output, input 0 sets the size (no function
-		 * without an output takes more than one input yet). */
+		/* Without an output, input 0 sets the size the others must have. */
 		if (i == 0 && r->out.cnt == 0)
 			out_total = in_total;
+		else if (in_total != out_total)
+			return EINVAL;
 	}
 	r->total = out_total;
 	if (r->out.cnt > 0 && nin > 0 && overlaps(x, r, nin))

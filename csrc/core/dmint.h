@@ -33,7 +33,7 @@
 #define DM_XFER_MAX	((size_t)1 << 30)	/* bytes per pattern write syscall */
 _Static_assert(DM_NBUF * DM_CHUNK_MAX <= DM_RW_MAX, "a gather into every buffer fits one syscall");
 _Static_assert(DM_XFER_MAX <= DM_RW_MAX, "a pattern write fits one syscall");
-#define DM_NFUNCS	19		/* entries of the function table */
+#define DM_NFUNCS	22		/* entries of the function table */
 #define DM_IMM		8		/* bytes of an immediate */
 
 struct dm_exec;
@@ -134,6 +134,8 @@ static inline void dm_exec_recheck(struct dm_exec *x) { x->budget = 0; }
 void dm_exec_run(struct dm_exec *x, const struct dm_req *r, struct dmio_usrresp *resp);
 
 dm_run_fn dm_run_zero, dm_run_fill8, dm_run_copy, dm_run_xor, dm_run_crc32c;
+/* dmoverfs extensions, beyond NetBSD's functions. */
+dm_run_fn dm_run_fill64, dm_run_compare, dm_run_copy_crc32c;
 
 /* --- decode.c ------------------------------------------------------------ */
 

@@ -141,20 +141,85 @@ crc_chunk(struct dm_exec *x, int nin, size_t k, void *state)
 	return NULL;
 }
 
+/* The immediate is the CRC so far (little-endian); the raw register is its inverse. */
+static uint32_t
+crc_seed(const uint8_t imm[DM_IMM])
+{
+	return ~((uint32_t)imm[0] | (uint32_t)imm[1] << 8 | (uint32_t)imm[2] << 16 | (uint32_t)imm[3] << 24);
+}
+
+static void
+put_le(uint8_t imm[DM_IMM], uint64_t value)
+{
+	for (int i = 0; i < DM_IMM; i++)
+		imm[i] = (uint8_t)(value >> (8 * i));
+}
+
 int
 dm_run_crc32c(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
 {
-	/* The immediate is the CRC so far; invert it back into the raw register. */
-	uint32_t raw = ~((uint32_t)imm[0] | (uint32_t)imm[1] << 8 |
-	    (uint32_t)imm[2] << 16 | (uint32_t)imm[3] << 24);
+	uint32_t raw = crc_seed(imm);
 	int err = stream(x, r, crc_chunk, &raw);
 
-	if (err == 0) {
-		uint32_t crc = ~raw;
+	if (err == 0)
+		put_le(imm, (uint32_t)~raw);
+	return err;
+}
 
-		for (int i = 0; i < 4; i++)
-			imm[i] = (uint8_t)(crc >> (8 * i));
-		memset(imm + 4, 0, DM_IMM - 4);
+int
+dm_run_fill64(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
+{
+	struct dm_rcur out;
+	size_t unit = r->total < x->chunk ? (size_t)r->total : x->chunk;
+
+	/* chunk is a multiple of DM_ALIGN (64), so repeating unit bytes keeps the 8-byte phase. */
+	for (size_t i = 0; i < unit; i += DM_IMM)
+		memcpy(x->buf[0] + i, imm, unit - i < DM_IMM ? unit - i : DM_IMM);
+	dm_rcur_init(&out, r->out.iov, r->out.cnt);
+	return dm_put(x, &r->sess->peer, &out, x->buf[0], unit, r->total);
+}
+
+int
+dm_run_compare(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
+{
+	struct dm_rcur in[2];
+
+	dm_rcur_init(&in[0], r->in[0].iov, r->in[0].cnt);
+	dm_rcur_init(&in[1], r->in[1].iov, r->in[1].cnt);
+	for (uint64_t done = 0; done < r->total;) {
+		size_t k = r->total - done < x->chunk ? (size_t)(r->total - done) : x->chunk;
+		int err = dm_gather(x, &r->sess->peer, in, x->buf, 2, k);
+
+		if (err != 0)
+			return err;
+		if (memcmp(x->buf[0], x->buf[1], k) != 0) {
+			size_t i = 0;
+
+			while (x->buf[0][i] == x->buf[1][i])
+				i++;
+			put_le(imm, done + i);	/* offset of the first difference */
+			return 0;
+		}
+		done += k;
 	}
+	memset(imm, 0xff, DM_IMM);		/* equal */
+	return 0;
+}
+
+static const uint8_t *
+copy_crc_chunk(struct dm_exec *x, int nin, size_t k, void *state)
+{
+	crc_chunk(x, nin, k, state);
+	return x->buf[0];
+}
+
+int
+dm_run_copy_crc32c(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
+{
+	uint32_t raw = crc_seed(imm);
+	int err = stream(x, r, copy_crc_chunk, &raw);
+
+	if (err == 0)
+		put_le(imm, (uint32_t)~raw);
 	return err;
 }

@@ -15,6 +15,10 @@ static const struct dm_func funcs[] = {
 	XOR(2), XOR(3), XOR(4), XOR(5), XOR(6), XOR(7), XOR(8), XOR(9),
 	XOR(10), XOR(11), XOR(12), XOR(13), XOR(14), XOR(15), XOR(16),
 	{ "iscsi-crc32c", 1, false, dm_run_crc32c },
+	/* Extensions: the same one-output / N-inputs / immediate model. */
+	{ "fill64", 0, true, dm_run_fill64 },
+	{ "compare", 2, false, dm_run_compare },
+	{ "copy-crc32c", 1, true, dm_run_copy_crc32c },
 };
 
 _Static_assert(sizeof(funcs) / sizeof(funcs[0]) == DM_NFUNCS, "DM_NFUNCS is the table size");

@@ -39,7 +39,7 @@
  *   byte 3   number of requests                                    (mod 128)
  *   byte 4   requests per dm_sess_submit call, 0 = all             (mod 64)
  *   byte 5   responses taken after each call                       (mod 64)
- *   byte 6   the invalid index of function 19 (19, -1, INT_MAX, INT_MIN)
+ *   byte 6   the invalid index of function 19 (the table size, -1, INT_MAX, INT_MIN)
  *   byte 7   the second setfunc's function
  *   then     the requests, 40 bytes each (struct dmio_usrreq)
  *   then     the arena image (rest zero)
@@ -107,7 +107,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define WIN_SIZE	(RO + PAGE - WIN)
 #define TASK_TOP	((uint64_t)0x7ffffffff000)	/* x86-64 user space, 4-level paging */
 
-#define NFUNC		19
+#define NFUNC		19		/* NetBSD's functions, the ones modelled here */
 #define NIOV		1024				/* IOV_MAX */
 #define MAX_REQS	128
 #define HEADER		8
@@ -534,10 +534,11 @@ m_decode(struct model *m, int func, const uint8_t *w, struct mreq *r, uint64_t *
 
 		if (m_total(r->list[1 + i], r->cnt[1 + i], &t) != 0)
 			return EINVAL;
-		if (r->cnt[0] > 0 && t != out_total)
-			return EINVAL;
+		/* Without an output, input 0 sets the size the others must have. */
 		if (i == 0 && r->cnt[0] == 0)
 			out_total = t;
+		else if (t != out_total)
+			return EINVAL;
 	}
 	r->total = out_total;
 	if (r->cnt[0] > 0)
@@ -1019,7 +1020,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		in.nreq = (size - HEADER) / WIRE;
 	in.piece = data[4] % 64;
 	in.take = data[5] % 64;
-	in.bad_index = (const int[]){ NFUNC, -1, INT_MAX, INT_MIN }[data[6] & 3];
+	in.bad_index = (const int[]){ dm_func_count(), -1, INT_MAX, INT_MIN }[data[6] & 3];
 	in.second = data[7] % NFUNC;
 	in.wire = data + HEADER;
 	in.image = in.wire + in.nreq * WIRE;
