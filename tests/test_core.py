@@ -161,7 +161,10 @@ class Core:
         self.lib.dm_core_stats(self.ptr, total, per, nfunc)
         core = {
             k: getattr(total, k)
-            for k in ("outstanding", "executing", "meta_bytes", "inline_runs", "worker_runs", "refused_limits")
+            for k in (
+                "outstanding", "executing", "meta_bytes", "inline_runs", "worker_runs", "refused_limits",
+                "executing_bytes", "run_bytes", "busy_ns", "external",
+            )
         }
         funcs = {
             self.ffi.string(self.lib.dm_func_name(i)).decode(): {
@@ -357,6 +360,7 @@ def assert_consistent(core: Core) -> None:
     """Nothing held, and every submitted request accounted for exactly once."""
     stats, funcs = core.stats()
     assert (stats["outstanding"], stats["executing"], stats["meta_bytes"]) == (0, 0, 0)
+    assert (stats["executing_bytes"], stats["external"]) == (0, 0)
     for name, f in funcs.items():
         assert f["submitted"] == f["completed"] + f["failed"], name
 
@@ -1176,6 +1180,190 @@ def test_core_free_with_open_sessions_and_queued_requests(cm):
     for d in dsts:
         chunks = d.reshape(-1, 64 << 10)
         assert np.all((chunks == 6).all(axis=1) | (chunks == 0).all(axis=1))
+
+
+# --- external sessions (back-ends outside the C code) -------------------------
+
+
+def set_external(s: Sess, func: str | None, ninputs: int, has_output: bool) -> int:
+    index = -1 if func is None else s.lib.dm_func_lookup(func.encode())
+    return s.lib.dm_sess_set_external(s.ptr, index, ninputs, int(has_output))
+
+
+def take_external(core: Core, max_reqs: int = 1024) -> list:
+    out = core.ffi.new("dm_req *[]", max_reqs)
+    n = core.lib.dm_core_take_external(core.ptr, out, max_reqs)
+    return list(out[0:n])
+
+
+def req_info(core: Core, r) -> dict:
+    info = core.ffi.new("struct dm_req_info *")
+    core.lib.dm_req_info(r, info)
+    fields = ("session", "id", "func", "err", "ninputs", "has_output", "total")
+    return {k: getattr(info, k) for k in fields} | {"immediate": bytes(info.immediate)}
+
+
+def req_read(core: Core, r, i: int, off: int, n: int) -> tuple[int, bytes]:
+    buf = core.ffi.new("char[]", max(n, 1))
+    err = core.lib.dm_req_read(r, i, off, buf, n)
+    return err, core.ffi.unpack(buf, n)
+
+
+def req_write(core: Core, r, off: int, data: bytes) -> int:
+    return core.lib.dm_req_write(r, off, core.ffi.from_buffer(data), len(data))
+
+
+def complete(core: Core, r, err: int = 0, imm: bytes | None = None) -> None:
+    core.lib.dm_req_complete(r, err, core.ffi.NULL if imm is None else core.ffi.from_buffer(imm))
+
+
+def test_set_external_rules(vcore):
+    s = vcore.session(None)
+    assert set_external(s, "copy", 2, True) == errno.EINVAL  # the table says 1 input
+    assert set_external(s, None, 17, True) == errno.EINVAL
+    assert set_external(s, None, 0, False) == errno.EINVAL  # no operand at all
+    assert s.lib.dm_sess_set_external(s.ptr, 10_000, 1, 1) == errno.ESRCH
+    assert set_external(s, None, 1, True) == 0
+    assert set_external(s, None, 1, True) == errno.EBUSY
+    assert s.setfunc("copy") == errno.EBUSY
+    t = vcore.session("zero")
+    assert set_external(t, "zero", 0, True) == errno.EBUSY
+
+
+def test_external_requests_are_validated_and_taken(make_core):
+    rng = np.random.default_rng(11)
+    mem = Mem()
+    core = make_core(chunk=SMALL_CHUNK)
+    s = core.session(None)
+    assert set_external(s, None, 1, True) == 0  # a function the table lacks ("rot13")
+    size = 3 * SMALL_CHUNK + 7
+    src = Region(mem, rng, size, max_pieces=IOV_MAX)
+    dst = Region(mem, rng, size, max_pieces=9)
+    data = random_bytes(rng, size)
+    src.write(data)
+    good = mem.request(out=dst.segs, ins=[src.segs], imm=b"12345678", req_id=7)
+    short = mem.buf(size - 1)
+    bad = mem.request(out=dst.segs, ins=[whole(short)], req_id=8)  # lengths differ: EINVAL
+    assert s.submit([good, bad]) == (1, errno.EINVAL)
+    assert s.counts() == (1, 0)
+    (r,) = take_external(core)
+    assert take_external(core) == []
+    info = req_info(core, r)
+    assert info == {
+        "session": s.id, "id": 7, "func": -1, "err": 0, "ninputs": 1, "has_output": 1,
+        "total": size, "immediate": b"12345678",
+    }
+    # Reads and writes at any offset, through the cuts of both lists.
+    for off, n in [(0, size), (1, 5), (SMALL_CHUNK - 3, 2 * SMALL_CHUNK), (size - 1, 1), (size, 0)]:
+        err, got = req_read(core, r, 0, off, n)
+        assert err == 0 and got == data[off : off + n].tobytes()
+    assert req_read(core, r, 0, size - 1, 2)[0] == errno.EINVAL
+    assert req_read(core, r, 1, 0, 1)[0] == errno.EINVAL  # no input 1
+    rot = bytes((b + 13) % 256 for b in data.tobytes())
+    assert req_write(core, r, 0, rot[:100]) == 0
+    assert req_write(core, r, 100, rot[100:]) == 0
+    assert req_write(core, r, size, b"x") == errno.EINVAL
+    assert core.stats()[0]["external"] == 1
+    complete(core, r, 0, b"ABCDEFGH")
+    assert core.drain() == [s.id]  # announced like a worker completion
+    assert s.take() == [Resp(7, 0, b"ABCDEFGH")]
+    assert dst.read().tobytes() == rot and dst.guards_intact()
+    assert core.stats()[0]["external"] == 0
+    assert_consistent(core)
+
+
+def test_external_constraint_error_and_immediate_echo(vcore):
+    mem = Mem()
+    s = vcore.session(None)
+    assert set_external(s, "copy", 1, True) == 0  # a table function performed outside
+    src = mem.buf(b"abc")
+    # No output: accepted, failing on its own with EINVAL as in the C back-end.
+    assert s.submit([mem.request(ins=[whole(src)], req_id=1)]) == (1, 0)
+    dst = mem.buf(3)
+    assert s.submit([mem.request(out=whole(dst), ins=[whole(src)], imm=b"imm", req_id=2)]) == (1, 0)
+    r1, r2 = take_external(vcore)
+    assert req_info(vcore, r1)["err"] == errno.EINVAL and req_info(vcore, r1)["func"] == vcore.lib.dm_func_lookup(b"copy")
+    assert req_write(vcore, r1, 0, b"") == errno.EINVAL  # it has no output
+    complete(vcore, r1, errno.EINVAL)
+    complete(vcore, r2)  # imm NULL: the request's immediate is echoed
+    assert sorted(s.take()) == [Resp(1, errno.EINVAL, bytes(8)), Resp(2, 0, b"imm".ljust(8, b"\0"))]
+    funcs = vcore.stats()[1]
+    assert funcs["copy"]["submitted"] == 2 and funcs["copy"]["failed"] == 1 and funcs["copy"]["completed"] == 1
+    assert_consistent(vcore)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_external_requests_run_by_the_core(make_core, path):
+    rng = np.random.default_rng(12)
+    mem = Mem()
+    core = make_core(chunk=SMALL_CHUNK, inline=PATHS[path])
+    s = core.session(None)
+    assert set_external(s, "copy", 1, True) == 0
+    cases = {}
+    reqs = []
+    for i, size in enumerate(SIZES):
+        src, dst = Region(mem, rng, size), Region(mem, rng, size)
+        data = random_bytes(rng, size)
+        src.write(data)
+        cases[i] = (dst, data)
+        reqs.append(mem.request(out=dst.segs, ins=[src.segs], req_id=i))
+    assert s.submit(reqs) == (len(reqs), 0)
+    before = core.stats()[0]
+    for r in take_external(core):
+        core.lib.dm_req_run(r)
+    s.wait(len(reqs))
+    for resp in s.take():
+        dst, data = cases[resp.id]
+        assert resp.error == 0 and np.array_equal(dst.read(), data) and dst.guards_intact()
+    after = core.wait_idle()
+    runs = after["inline_runs"] + after["worker_runs"] - before["inline_runs"] - before["worker_runs"]
+    assert runs == len(reqs)
+    if path == "worker":  # all but the empty request
+        assert after["worker_runs"] - before["worker_runs"] == len(reqs) - 1
+    assert after["run_bytes"] - before["run_bytes"] == sum(SIZES)
+    assert after["busy_ns"] > before["busy_ns"] and after["executing_bytes"] == 0
+    assert_consistent(core)
+
+
+def test_external_function_unknown_to_the_core_is_enosys_when_run(vcore):
+    mem = Mem()
+    s = vcore.session(None)
+    assert set_external(s, None, 0, True) == 0
+    assert s.submit([mem.request(out=whole(mem.buf(4)), req_id=3)]) == (1, 0)
+    (r,) = take_external(vcore)
+    vcore.lib.dm_req_run(r)
+    s.wait(1)
+    assert s.take() == [Resp(3, errno.ENOSYS, bytes(8))]
+    assert_consistent(vcore)
+
+
+def test_external_requests_of_a_closed_session(make_core):
+    mem = Mem()
+    core = make_core()
+    s = core.session(None)
+    assert set_external(s, None, 1, True) == 0
+    src, dst = mem.buf(b"x" * 64), mem.buf(64)
+    assert s.submit([mem.request(out=whole(dst), ins=[whole(src)], req_id=i) for i in range(3)]) == (3, 0)
+    r1, r2, r3 = take_external(core)
+    s.close()  # the requests keep the session alive; their work is cancelled
+    assert req_read(core, r1, 0, 0, 8)[0] == errno.ECANCELED
+    assert req_write(core, r1, 0, b"y") == errno.ECANCELED
+    complete(core, r1)
+    core.lib.dm_req_run(r2)
+    complete(core, r3, errno.EIO)
+    assert core.drain() == []
+    assert_consistent(core)
+    assert bytes(dst) == bytes(64)
+
+
+def test_core_free_with_external_requests_never_completed(cm):
+    mem = Mem()
+    core = Core(cm)
+    s = core.session(None)
+    assert set_external(s, "zero", 0, True) == 0
+    assert s.submit([mem.request(out=whole(mem.buf(8)), req_id=i) for i in range(4)]) == (4, 0)
+    assert len(take_external(core, 2)) == 2  # two taken, two never taken
+    core.free()
 
 
 # --- properties -------------------------------------------------------------

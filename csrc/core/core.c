@@ -23,6 +23,7 @@ run_queued(dm_core *c, struct dm_exec *x, struct dm_req *r)
 	dm_exec_recheck(x);	/* the client may have exited while r waited */
 	dm_exec_run(x, r, &resp);
 	dm_core_count(c, r, resp.resp_error);
+	atomic_fetch_sub(&c->executing_bytes, r->total);
 	dm_req_free(c, r);
 	atomic_fetch_sub(&c->executing, 1);
 	atomic_fetch_add(&c->worker_runs, 1);
@@ -106,6 +107,7 @@ dm_core_new(const struct dm_config *cfg, int *err)
 	pthread_cond_init(&c->qcv, NULL);
 	pthread_mutex_init(&c->mu, NULL);
 	c->qtail = &c->qhead;
+	c->xtail = &c->xhead;
 
 	if ((e = dm_kernels_init(&c->kern, getenv("DMOVERFS_KERNELS"))) != 0)
 		goto fail;
@@ -150,6 +152,13 @@ dm_core_free(dm_core *c)
 		struct dm_req *r = c->qhead;
 
 		c->qhead = r->next;
+		free(r);
+	}
+	/* External requests never completed (taken or not) go the same way. */
+	while (c->xall != NULL) {
+		struct dm_req *r = c->xall;
+
+		c->xall = r->xnext;
 		free(r);
 	}
 	while (c->sessions != NULL)
@@ -213,6 +222,7 @@ void
 dm_core_enqueue(dm_core *c, struct dm_req *r)
 {
 	r->next = NULL;
+	atomic_fetch_add(&c->executing_bytes, r->total);
 	pthread_mutex_lock(&c->qmu);
 	*c->qtail = r;
 	c->qtail = &r->next;
@@ -302,8 +312,11 @@ dm_core_drain(dm_core *c, uint64_t *ids, size_t max)
 void
 dm_core_count(dm_core *c, const struct dm_req *r, int err)
 {
-	struct dm_fstats *f = &c->fstats[r->func];
+	struct dm_fstats *f;
 
+	if (r->func < 0)
+		return;		/* a function the table lacks: its back-end counts it */
+	f = &c->fstats[r->func];
 	if (err == 0) {
 		atomic_fetch_add(&f->completed, 1);
 		atomic_fetch_add(&f->bytes, r->total);
@@ -321,6 +334,10 @@ dm_core_stats(dm_core *c, struct dm_core_stats *out, struct dm_func_stats *per_f
 		out->inline_runs = atomic_load(&c->inline_runs);
 		out->worker_runs = atomic_load(&c->worker_runs);
 		out->refused_limits = atomic_load(&c->refused_limits);
+		out->executing_bytes = atomic_load(&c->executing_bytes);
+		out->run_bytes = atomic_load(&c->run_bytes);
+		out->busy_ns = atomic_load(&c->busy_ns);
+		out->external = atomic_load(&c->external);
 	}
 	for (int i = 0; per_func != NULL && i < nfunc && i < DM_NFUNCS; i++) {
 		per_func[i].submitted = atomic_load(&c->fstats[i].submitted);
@@ -328,4 +345,54 @@ dm_core_stats(dm_core *c, struct dm_core_stats *out, struct dm_func_stats *per_f
 		per_func[i].failed = atomic_load(&c->fstats[i].failed);
 		per_func[i].bytes = atomic_load(&c->fstats[i].bytes);
 	}
+}
+
+void
+dm_core_park(dm_core *c, struct dm_req *r)
+{
+	atomic_fetch_add(&c->external, 1);
+	pthread_mutex_lock(&c->mu);
+	r->next = NULL;
+	*c->xtail = r;
+	c->xtail = &r->next;
+	r->xprev = NULL;
+	r->xnext = c->xall;
+	if (c->xall != NULL)
+		c->xall->xprev = r;
+	c->xall = r;
+	pthread_mutex_unlock(&c->mu);
+}
+
+void
+dm_core_unpark(dm_core *c, struct dm_req *r)
+{
+	pthread_mutex_lock(&c->mu);
+	if (r->xprev != NULL)
+		r->xprev->xnext = r->xnext;
+	else
+		c->xall = r->xnext;
+	if (r->xnext != NULL)
+		r->xnext->xprev = r->xprev;
+	r->xprev = r->xnext = NULL;
+	pthread_mutex_unlock(&c->mu);
+	atomic_fetch_sub(&c->external, 1);
+}
+
+size_t
+dm_core_take_external(dm_core *c, dm_req **out, size_t max)
+{
+	size_t n = 0;
+
+	pthread_mutex_lock(&c->mu);
+	while (n < max && c->xhead != NULL) {
+		struct dm_req *r = c->xhead;
+
+		c->xhead = r->next;
+		r->next = NULL;
+		out[n++] = r;
+	}
+	if (c->xhead == NULL)
+		c->xtail = &c->xhead;
+	pthread_mutex_unlock(&c->mu);
+	return n;
 }

@@ -158,9 +158,9 @@ validate(struct dm_exec *x, struct dm_req *r, int nin)
 }
 
 size_t
-dm_decode_max(int func)
+dm_decode_max(const struct dm_func *fn)
 {
-	return IOV_MAX / (1 + (size_t)dm_func_get(func)->ninputs);
+	return IOV_MAX / (1 + (size_t)fn->ninputs);
 }
 
 /* Bytes of iovec arrays copied into r. */
@@ -187,11 +187,10 @@ free_from(dm_core *c, struct dm_req **reqs, size_t from, size_t to)
  * arrays: remote x->rem[*nrem..], local x->loc[*nloc].  0 or an errno.
  */
 static int
-prepare(struct dm_exec *x, dm_sess *s, int func, const unsigned char *w,
+prepare(struct dm_exec *x, dm_sess *s, const struct dm_func *fn, int func, const unsigned char *w,
     const unsigned char *inb, struct dm_req **out, size_t *nloc, size_t *nrem)
 {
 	dm_core *c = s->core;
-	const struct dm_func *fn = dm_func_get(func);
 	int nin = fn->ninputs;
 	uint32_t cnt[1 + DM_MAX_INPUTS];
 	uint64_t where[1 + DM_MAX_INPUTS];
@@ -221,7 +220,7 @@ prepare(struct dm_exec *x, dm_sess *s, int func, const unsigned char *w,
 		return ENOMEM;
 	atomic_fetch_add(&c->meta_bytes, size);
 
-	r->next = NULL;
+	r->next = r->xprev = r->xnext = NULL;
 	r->sess = s;
 	r->fn = fn;
 	r->func = func;
@@ -259,11 +258,10 @@ prepare(struct dm_exec *x, dm_sess *s, int func, const unsigned char *w,
  * (requests are judged in order, each by the first rule it breaks).
  */
 size_t
-dm_decode(struct dm_exec *x, dm_sess *s, int func, const unsigned char *wire,
-    size_t n, struct dm_req **out, int *err)
+dm_decode(struct dm_exec *x, dm_sess *s, const struct dm_func *fn, int func,
+    const unsigned char *wire, size_t n, struct dm_req **out, int *err)
 {
 	dm_core *c = s->core;
-	const struct dm_func *fn = dm_func_get(func);
 	size_t each = (size_t)fn->ninputs * B_SIZE;
 	size_t lim = n, nloc = 0, nrem = 0, bytes = 0, got;
 	int e = 0;
@@ -290,7 +288,7 @@ dm_decode(struct dm_exec *x, dm_sess *s, int func, const unsigned char *wire,
 	}
 
 	for (size_t i = 0; i < lim; i++) {
-		int pe = prepare(x, s, func, wire + i * W_SIZE, x->inbufs + i * each, &out[i], &nloc, &nrem);
+		int pe = prepare(x, s, fn, func, wire + i * W_SIZE, x->inbufs + i * each, &out[i], &nloc, &nrem);
 
 		if (pe != 0) {
 			lim = i;

@@ -50,6 +50,26 @@ struct dm_core_stats {
 	uint64_t inline_runs;		/* requests run in the submitting thread */
 	uint64_t worker_runs;		/* requests run by workers */
 	uint64_t refused_limits;	/* submissions refused by a global cap */
+	/* The built-in back-end's load (requests run by the C code, external
+	 * sessions' requests handed over with dm_req_run included). */
+	uint64_t executing_bytes;	/* bytes of the requests queued to or running on workers */
+	uint64_t run_bytes;		/* bytes of the requests run, cumulative */
+	uint64_t busy_ns;		/* time spent running them (summed over threads) */
+	uint64_t external;		/* external requests not yet completed */
+};
+
+/* A request of an external session (see dm_sess_set_external). */
+typedef struct dm_req dm_req;
+
+struct dm_req_info {
+	uint64_t session;		/* the id given to dm_sess_new */
+	uint32_t id;			/* req_id */
+	int func;			/* table index, or -1 for a function the table lacks */
+	int err;			/* function constraint error (e.g. EINVAL: output missing), or 0 */
+	int ninputs;
+	int has_output;
+	uint64_t total;			/* bytes of the output, and of each input */
+	uint8_t immediate[8];
 };
 
 /* The function table. Indices are stable for the life of the process. */
@@ -95,6 +115,37 @@ size_t dm_sess_submit(dm_sess *s, const void *reqs, size_t nreq, int *err);
 size_t dm_sess_take(dm_sess *s, void *resps, size_t max);
 /* Outstanding (accepted, not yet taken) and ready (completed, not yet taken). */
 void dm_sess_counts(dm_sess *s, unsigned *outstanding, unsigned *ready);
+
+/*
+ * External sessions: requests performed by someone else (a back-end of the
+ * server).  Selects the session's function like dm_sess_setfunc, but every
+ * request dm_sess_submit accepts (decoded and validated exactly as usual,
+ * and counted against the same caps) is queued on the core's list of
+ * external requests instead of running.  func is a table index, whose
+ * shape ninputs / has_output must then match the table's, or -1 for a
+ * function the table lacks, performed with that shape.  0, or ESRCH (bad
+ * index), EINVAL (bad shape), EBUSY (a function is already set).
+ */
+int dm_sess_set_external(dm_sess *s, int func, int ninputs, int has_output);
+/* Take up to max external requests, oldest first; call after dm_sess_submit. */
+size_t dm_core_take_external(dm_core *core, dm_req **out, size_t max);
+void dm_req_info(const dm_req *r, struct dm_req_info *info);
+/*
+ * Copy len bytes at offset off of input i (or of the output) between the
+ * client and buf, through the request's scatter/gather lists.  0, or
+ * EINVAL (no such operand, range beyond it), EFAULT (client memory),
+ * EPERM (no ptrace access), ECANCELED (session closed, core stopping).
+ * May be called from any thread, several at once, until r is completed.
+ */
+int dm_req_read(dm_req *r, unsigned input, uint64_t off, void *buf, size_t len);
+int dm_req_write(dm_req *r, uint64_t off, const void *buf, size_t len);
+/* Hand r to the built-in back-end (run now when small, else on a worker);
+ * a function the table lacks fails with ENOSYS.  r is gone afterwards. */
+void dm_req_run(dm_req *r);
+/* Deliver r's response (imm may be NULL: zeros) and free r.  The session
+ * is announced on the eventfd as after a worker's completion; a closed
+ * session's response is discarded. */
+void dm_req_complete(dm_req *r, int err, const uint8_t *imm);
 /* cdef end */
 
 #endif /* DMCORE_H */

@@ -97,6 +97,8 @@ void dm_rcur_init(struct dm_rcur *c, const struct iovec *iov, size_t cnt);
  * all bytes came, else the errno, *got saying how many did. */
 int dm_readv(struct dm_exec *x, struct dm_peer *p, size_t nloc, size_t nrem,
     size_t bytes, size_t *got);
+/* Move the cursor n bytes on (to the end at most). */
+void dm_rcur_skip(struct dm_rcur *c, uint64_t n);
 /* Read len bytes from each of the n client lists under cur into dst[i]. */
 int dm_gather(struct dm_exec *x, struct dm_peer *p, struct dm_rcur *cur,
     uint8_t *const *dst, int n, size_t len);
@@ -146,10 +148,11 @@ struct dm_list {
 
 /* A decoded, validated request: one allocation, iovec copies at the end. */
 struct dm_req {
-	struct dm_req *next;		/* worker queue */
+	struct dm_req *next;		/* worker queue, or the core's untaken external requests */
+	struct dm_req *xprev, *xnext;	/* the core's live external requests (core->mu) */
 	dm_sess *sess;
-	const struct dm_func *fn;
-	int func;
+	const struct dm_func *fn;	/* the table's entry, or the session's shape (run NULL) */
+	int func;			/* table index, or -1 */
 	int err;			/* function constraint error, found at submit */
 	uint32_t id;
 	uint8_t imm[DM_IMM];
@@ -160,15 +163,16 @@ struct dm_req {
 	struct dm_list in[];		/* fn->ninputs */
 };
 
-/* Most requests of function func that dm_decode takes at once. */
-size_t dm_decode_max(int func);
+/* Most requests of function fn that dm_decode takes at once. */
+size_t dm_decode_max(const struct dm_func *fn);
 /*
  * Decode and validate n (<= dm_decode_max) consecutive 40-byte wire
- * requests for function func of session s.  Returns how many leading ones
- * are valid, in out[]; *err is the errno of the one after them, or 0.
+ * requests for function fn (table index func, or -1) of session s.  Returns
+ * how many leading ones are valid, in out[]; *err is the errno of the one
+ * after them, or 0.
  */
-size_t dm_decode(struct dm_exec *x, dm_sess *s, int func, const unsigned char *wire,
-    size_t n, struct dm_req **out, int *err);
+size_t dm_decode(struct dm_exec *x, dm_sess *s, const struct dm_func *fn, int func,
+    const unsigned char *wire, size_t n, struct dm_req **out, int *err);
 void dm_req_free(dm_core *c, struct dm_req *r);
 
 /* --- sess.c -------------------------------------------------------------- */
@@ -179,6 +183,8 @@ struct dm_sess {
 	struct dm_peer peer;
 	pthread_mutex_t mu;
 	int func;			/* -1 until set */
+	bool external;			/* requests go to dm_core_take_external */
+	struct dm_func shape;		/* an external function the table lacks (func -1) */
 	unsigned depth;
 	unsigned outstanding;		/* accepted, not yet taken */
 	unsigned ready;			/* responses in the ring */
@@ -191,6 +197,8 @@ struct dm_sess {
 	struct dmio_usrresp ring[];	/* depth entries */
 };
 
+/* The function requests of s are decoded for: NULL until one is set. */
+const struct dm_func *dm_sess_fn(dm_sess *s, int *func, bool *external);
 /* A worker finished r: deliver or discard its response, drop r's reference. */
 void dm_sess_finish(dm_sess *s, const struct dmio_usrresp *resp);
 /* Free a session (refs gone, or the core is going away). */
@@ -227,9 +235,12 @@ struct dm_core {
 	pthread_mutex_t mu;
 	dm_sess *sessions;
 	dm_sess *nhead, *ntail;
+	struct dm_req *xhead, **xtail;	/* external requests not yet taken */
+	struct dm_req *xall;		/* every external request not yet completed */
 
 	atomic_uint_fast64_t outstanding, executing, meta_bytes;
 	atomic_uint_fast64_t inline_runs, worker_runs, refused_limits;
+	atomic_uint_fast64_t executing_bytes, run_bytes, busy_ns, external;
 	struct dm_fstats fstats[DM_NFUNCS];
 };
 
@@ -246,5 +257,9 @@ void dm_core_notify_del(dm_core *c, dm_sess *s);
 void dm_core_signal(dm_core *c);
 /* Account a finished request. */
 void dm_core_count(dm_core *c, const struct dm_req *r, int err);
+/* Queue an accepted request of an external session for dm_core_take_external. */
+void dm_core_park(dm_core *c, struct dm_req *r);
+/* Forget an external request (it is being run or completed). */
+void dm_core_unpark(dm_core *c, struct dm_req *r);
 
 #endif /* DMINT_H */

@@ -5,6 +5,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "dmint.h"
 
@@ -17,6 +18,8 @@ dm_exec_new(dm_core *core, size_t chunk)
 		return NULL;
 	x->core = core;
 	x->chunk = chunk;
+	if (chunk == 0)		/* transfers only (dm_req_read/write): no bounce buffers */
+		return x;
 	/* chunk is a multiple of DM_ALIGN, at most DM_CHUNK_MAX: no overflow. */
 	x->mem = aligned_alloc(DM_ALIGN, DM_NBUF * chunk);
 	if (x->mem == NULL) {
@@ -42,11 +45,18 @@ dm_exec_run(struct dm_exec *x, const struct dm_req *r, struct dmio_usrresp *resp
 {
 	uint8_t imm[DM_IMM];
 	int err = r->err;
+	struct timespec t0, t1;
 
 	/* By default the immediate is echoed, as NetBSD hands back dreq_immediate. */
 	memcpy(imm, r->imm, DM_IMM);
-	if (err == 0)
+	if (err == 0) {
+		clock_gettime(CLOCK_MONOTONIC, &t0);
 		err = r->fn->run(x, r, imm);
+		clock_gettime(CLOCK_MONOTONIC, &t1);
+		atomic_fetch_add(&x->core->busy_ns, (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL +
+		    (t1.tv_nsec - t0.tv_nsec)));
+		atomic_fetch_add(&x->core->run_bytes, r->total);
+	}
 	if (err != 0)
 		memset(imm, 0, DM_IMM);
 	resp->resp_id = r->id;

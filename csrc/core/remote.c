@@ -24,6 +24,22 @@ dm_rcur_init(struct dm_rcur *c, const struct iovec *iov, size_t cnt)
 	c->off = 0;
 }
 
+void
+dm_rcur_skip(struct dm_rcur *c, uint64_t n)
+{
+	while (n > 0 && c->idx < c->cnt) {
+		size_t left = c->iov[c->idx].iov_len - c->off;
+
+		if (n < left) {
+			c->off += (size_t)n;
+			return;
+		}
+		n -= left;
+		c->idx++;
+		c->off = 0;
+	}
+}
+
 /*
  * Describe the next (at most) want bytes of the list with at most room
  * iovecs in out, skipping empty segments, and advance.  Returns the bytes

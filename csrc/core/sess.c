@@ -74,7 +74,7 @@ dm_sess_setfunc(dm_sess *s, int func)
 	int err = 0;
 
 	pthread_mutex_lock(&s->mu);
-	if (s->func >= 0)
+	if (s->func >= 0 || s->external)
 		err = EBUSY;
 	else if (dm_func_get(func) == NULL)
 		err = ESRCH;
@@ -82,6 +82,45 @@ dm_sess_setfunc(dm_sess *s, int func)
 		s->func = func;
 	pthread_mutex_unlock(&s->mu);
 	return err;
+}
+
+int
+dm_sess_set_external(dm_sess *s, int func, int ninputs, int has_output)
+{
+	const struct dm_func *fn = dm_func_get(func);
+	int err = 0;
+
+	pthread_mutex_lock(&s->mu);
+	if (s->func >= 0 || s->external)
+		err = EBUSY;
+	else if (func != -1 && fn == NULL)
+		err = ESRCH;
+	else if (ninputs < 0 || ninputs > DM_MAX_INPUTS || (has_output != 0 && has_output != 1) ||
+	    (ninputs == 0 && has_output == 0))
+		err = EINVAL;	/* a function needs an operand */
+	else if (fn != NULL && (fn->ninputs != ninputs || fn->has_output != (has_output == 1)))
+		err = EINVAL;	/* all functions of a name have one shape */
+	else {
+		s->external = true;
+		s->func = func;
+		s->shape = (struct dm_func){ .name = NULL, .ninputs = ninputs,
+		    .has_output = has_output == 1, .run = NULL };
+	}
+	pthread_mutex_unlock(&s->mu);
+	return err;
+}
+
+const struct dm_func *
+dm_sess_fn(dm_sess *s, int *func, bool *external)
+{
+	const struct dm_func *fn;
+
+	pthread_mutex_lock(&s->mu);
+	*func = s->func;
+	*external = s->external;
+	fn = s->func >= 0 ? dm_func_get(s->func) : s->external ? &s->shape : NULL;
+	pthread_mutex_unlock(&s->mu);
+	return fn;
 }
 
 /* Call under s->mu. */
@@ -164,19 +203,35 @@ start(dm_core *c, struct dm_exec *x, struct dm_req *r)
 	}
 }
 
+/* An accepted request of an external session: hold a session reference
+ * until dm_req_run or dm_req_complete, and queue it for the taker. */
+static void
+park(dm_core *c, struct dm_req *r)
+{
+	dm_sess *s = r->sess;
+
+	pthread_mutex_lock(&s->mu);
+	s->outstanding++;
+	s->refs++;
+	pthread_mutex_unlock(&s->mu);
+	if (r->func >= 0)
+		atomic_fetch_add(&c->fstats[r->func].submitted, 1);
+	dm_core_park(c, r);
+}
+
 size_t
 dm_sess_submit(dm_sess *s, const void *reqs, size_t nreq, int *err)
 {
 	dm_core *c = s->core;
 	const unsigned char *wire = reqs;
+	const struct dm_func *fn;
 	struct dm_exec *x;
 	size_t n = 0;
 	int func, e = 0;
+	bool external;
 
-	pthread_mutex_lock(&s->mu);
-	func = s->func;
-	pthread_mutex_unlock(&s->mu);
-	if (func < 0) {
+	fn = dm_sess_fn(s, &func, &external);
+	if (fn == NULL) {
 		*err = ENXIO;
 		return 0;
 	}
@@ -195,11 +250,11 @@ dm_sess_submit(dm_sess *s, const void *reqs, size_t nreq, int *err)
 		want = nreq - n;
 		if (want > room)
 			want = room;
-		if (want > dm_decode_max(func))
-			want = dm_decode_max(func);
+		if (want > dm_decode_max(fn))
+			want = dm_decode_max(fn);
 		if (want == 0)
 			break;
-		k = dm_decode(x, s, func, wire + n * sizeof(struct dmio_usrreq), want, x->win, &e);
+		k = dm_decode(x, s, fn, func, wire + n * sizeof(struct dmio_usrreq), want, x->win, &e);
 		for (i = 0; i < k; i++) {
 			int ge = reserve_global(c);
 
@@ -209,7 +264,10 @@ dm_sess_submit(dm_sess *s, const void *reqs, size_t nreq, int *err)
 				e = ge;
 				break;
 			}
-			start(c, x, x->win[i]);
+			if (external)
+				park(c, x->win[i]);
+			else
+				start(c, x, x->win[i]);
 		}
 		n += i;
 	}
