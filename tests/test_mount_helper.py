@@ -5,7 +5,8 @@ environment; mount.fuse3 runs `/bin/sh -c "dmoverfs SOURCE DIR -o OPTS"`, so
 `dmoverfs` must be in the shell's default PATH (/usr/local/bin ...). The
 tests that use the type `fuse.dmoverfs` link /usr/local/bin/dmoverfs to this
 checkout's command for their duration (under a lock on the directory, so
-concurrent runs do not trip over each other) and remove the link after.
+concurrent runs do not trip over each other) and remove the link after
+(tests/default_path.py).
 Old-style sources (`/path/to/dmoverfs#dmoverfs`, type `fuse`) need no link.
 """
 
@@ -16,6 +17,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,11 +30,9 @@ import numpy as np
 import pytest
 
 from conftest import require_fuse
+from default_path import VENV_DMOVERFS, dmoverfs_in_default_path
 from dmio import open_session, request, run, whole
 from dmoverfs import cli, mount_helper, mounting
-
-VENV_DMOVERFS = Path(sys.executable).with_name("dmoverfs")
-DEFAULT_PATH_LINK = Path("/usr/local/bin/dmoverfs")
 
 
 def require_mount_tools() -> None:
@@ -110,23 +110,8 @@ def mnt(tmp_path: Path):
 def in_default_path():
     """/usr/local/bin/dmoverfs -> this checkout's command while the test runs (removed after)."""
     require_mount_tools()
-    lock = os.open(DEFAULT_PATH_LINK.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        made = False
-        if DEFAULT_PATH_LINK.is_symlink() or DEFAULT_PATH_LINK.exists():
-            if DEFAULT_PATH_LINK.resolve() != VENV_DMOVERFS.resolve():
-                pytest.fail(f"{DEFAULT_PATH_LINK} exists and is not this checkout's dmoverfs: the test would run that one")
-        else:
-            DEFAULT_PATH_LINK.symlink_to(VENV_DMOVERFS)
-            made = True
-        try:
-            yield DEFAULT_PATH_LINK
-        finally:
-            if made:
-                DEFAULT_PATH_LINK.unlink()
-    finally:
-        os.close(lock)
+    with dmoverfs_in_default_path() as link:
+        yield link
 
 
 def check_working_mount(point: Path, **limits: int) -> int:
@@ -283,6 +268,20 @@ def test_fstab_line(in_default_path, mnt, tmp_path):
     assert "allow_other" in next(line for line in Path("/proc/self/mountinfo").read_text().splitlines() if f" {mnt} " in line)
     sh("umount", str(mnt))
     assert not mounting.is_mounted(mnt)
+    assert proc_gone(pid)
+
+
+def test_readme_fstab_line(in_default_path, mnt, tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (line,) = re.findall(r"```fstab\n(.*?)\n```", readme, re.S)
+    source, point, fstype, opts, *rest = line.split()
+    assert (source, point, fstype, rest) == ("dmoverfs", "/run/dmoverfs", "fuse.dmoverfs", ["0", "0"])
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"{source} {mnt} {fstype} {opts},log_file={tmp_path / 'server.log'} 0 0\n")
+    sh("mount", "-T", str(fstab), str(mnt))
+    limits = {k: int(v) for k, v in re.findall(r"(queue_depth|workers|max_\w+)=(\d+)", opts)}
+    pid = check_working_mount(mnt, **limits)
+    sh("umount", str(mnt))
     assert proc_gone(pid)
 
 
