@@ -187,6 +187,8 @@ def fuse_conf(user_allow_other: bool) -> Iterator[None]:
             else:
                 FUSE_CONF.write_bytes(original)
                 os.chmod(FUSE_CONF, stat.S_IMODE(st.st_mode))
+                if FUSE_CONF.read_bytes() != original:
+                    raise SetupError(f"{FUSE_CONF} could not be restored")
 
 
 # -- processes --------------------------------------------------------------------------
