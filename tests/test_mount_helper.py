@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from users import TempUser, python_paths
 
-from conftest import require_fuse
+from conftest import require_fuse, temp_root
 from default_path import VENV_DMOVERFS, dmoverfs_in_default_path
 from dmio import open_session, request, run, whole
 from dmoverfs import cli, mount_helper, mounting
@@ -283,6 +284,37 @@ def test_readme_fstab_line(in_default_path, mnt, tmp_path):
     pid = check_working_mount(mnt, **limits)
     sh("umount", str(mnt))
     assert proc_gone(pid)
+
+
+def test_setuid_option_serves_as_that_user(in_default_path):
+    """-o setuid=USER (done by mount.fuse3): the server runs as USER and mounts through fusermount3."""
+    base = temp_root() / f"mount-helper-{os.getpid()}"
+    base.mkdir(mode=0o755)
+    os.chmod(base, 0o755)
+    user = TempUser(base, "h")
+    try:
+        user.grant_reach([*python_paths(), Path(__file__).resolve().parent.parent, base])
+        user.grant_fuse()
+        point = user.make_dir(base / "mnt")
+        log = user.home / "server.log"
+        sh("mount", "-t", "fuse.dmoverfs", "dmoverfs", str(point), "-o", f"setuid={user.name},queue_depth=5,log_file={log}")
+        assert mounting.is_mounted(point)
+        info = next(line for line in Path("/proc/self/mountinfo").read_text().splitlines() if f" {point} " in line)
+        assert f"user_id={user.uid}," in info
+        # Without allow_other only the user may look inside (root included).
+        probe = "import json, sys; d = json.load(open(sys.argv[1])); print(d['server']['pid'], d['limits']['queue_depth'])"
+        result = user.run([sys.executable, "-c", probe, str(point / "stats")])
+        assert result.returncode == 0, result.stderr
+        pid, depth = map(int, result.stdout.split())
+        assert depth == 5 and os.stat(f"/proc/{pid}").st_uid == user.uid
+        sh("umount", str(point))
+        assert not mounting.is_mounted(point)
+        assert proc_gone(pid)
+        assert not utab_lines(point)
+        assert "Traceback" not in log.read_text()
+    finally:
+        user.remove()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_mount_failure_is_reported_by_mount(in_default_path, mnt):
