@@ -9,6 +9,7 @@ and waking everyone when the server goes away. Nothing here knows about FUSE.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import select
 import time
@@ -21,6 +22,8 @@ import trio
 from dmoverfs.core import CoreSession, Function
 from dmoverfs.process import Client
 from dmoverfs.wire import MAX_FUNCNAME, REQ_SIZE, RESP_SIZE
+
+log = logging.getLogger(__name__)
 
 POLL_IN = select.POLLIN | select.POLLRDNORM
 POLL_OUT = select.POLLOUT | select.POLLWRNORM
@@ -126,6 +129,7 @@ class Session:
         self._writers = trio.lowlevel.ParkingLot()
         self._down = False
         self._closed = False
+        self._eperm_logged = False
 
     # -- configuration (the ioctl equivalents) -------------------------------------------
 
@@ -158,6 +162,8 @@ class Session:
                 done += accepted
                 self._after_submit()
             if err:
+                if err == errno.EPERM:
+                    self._explain_eperm()
                 if done == 0:
                     raise OSError(err, os.strerror(err))
                 break
@@ -274,6 +280,27 @@ class Session:
             raise OSError(errno.ENXIO, "the server is shutting down")
         if waiter is not None and waiter.interrupted:
             raise OSError(errno.EINTR, "interrupted")
+
+    def _explain_eperm(self) -> None:
+        """Say once per session why the kernel refused access to the client's memory, and what allows it."""
+        if self._eperm_logged:
+            return
+        self._eperm_logged = True
+        try:
+            yama = open("/proc/sys/kernel/yama/ptrace_scope").read().strip()
+        except OSError:
+            yama = "absent"
+        log.warning(
+            "session %d: may not read or write the memory of process %d (uid %d): the kernel refused ptrace access "
+            "(server uid %d, kernel.yama.ptrace_scope %s). Allow it by running the server as that user or as root, "
+            "or in the client with prctl(PR_SET_PTRACER, %d) (libdmoverio.so does this on EPERM).",
+            self.sid,
+            self.client.pid,
+            self.client.uid,
+            os.geteuid(),
+            yama,
+            os.getpid(),
+        )
 
     def _after_submit(self) -> None:
         # Small requests completed inline: a concurrent reader or poller may proceed.

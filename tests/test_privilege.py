@@ -555,7 +555,6 @@ def test_a_user_mount_with_allow_other_serves_only_processes_it_may_ptrace(user_
     assert not um.mounted()
 
 
-@pytest.mark.xfail(strict=True, reason="SPEC.md: on EPERM the server's log says why and how to allow it; it logs nothing yet")
 def test_eperm_is_explained_in_the_server_log(user_b, user_mount):
     um = mount_allowing_others(user_mount)
     other = spawn(
