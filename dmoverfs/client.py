@@ -1,0 +1,749 @@
+"""A Python client for dmoverfs sessions.
+
+::
+
+    from dmoverfs import client
+
+    buf = bytearray(4096)
+    client.fill8(None, buf, 0xAB)            # None: the default mount point
+    with client.Session(None, "iscsi-crc32c") as s:
+        s.submit(inputs=[buf])
+        (result,) = s.results()
+        crc = result.check().crc
+
+A :class:`Session` is one dmoverio session with its function selected. Buffers
+are any objects exporting the buffer protocol (``bytearray``, ``bytes``,
+``memoryview`` and slices of it, numpy arrays, ``mmap``, ``array.array``,
+ctypes arrays), or a list of them for a scatter/gather list. Their addresses go
+into the requests as they are, without copying; the session holds an export of
+each buffer (so a ``bytearray`` cannot be resized nor an ``mmap`` closed) and a
+reference to it until the request's result has been read.
+
+How the session is built (see the README, "From Python", for the reasons):
+
+- Two open files of the same session: the one opened through ``func/NAME``
+  (blocking; :meth:`Session.fileno`) and a second one opened through
+  ``/proc/self/fd/N`` with ``O_NONBLOCK``. Non-blocking operations use the
+  second, so switching between blocking and non-blocking costs nothing and
+  needs no ``user.dmover.nonblock`` round trip. That attribute sets every open
+  file of a session: do not set it on a session the client owns.
+- Requests address the memory of the process that opened the session, so a
+  session cannot be used after ``fork()`` in the child (RuntimeError).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, TypeAlias
+
+import cffi
+
+from dmoverfs.paths import default_mountpoint
+from dmoverfs.wire import BUFFER, IOVEC, REQ_SIZE, RESP_SIZE, USRREQ, USRRESP, XATTR_FUNCTION
+
+if sys.version_info >= (3, 12):
+    from collections.abc import Buffer
+else:  # pragma: no cover - typing only
+    Buffer: TypeAlias = Any
+
+__all__ = [
+    "BufferSpec",
+    "Request",
+    "Result",
+    "Session",
+    "SubmitError",
+    "SubmitWouldBlock",
+    "copy",
+    "crc32c",
+    "fill8",
+    "functions",
+    "xor",
+    "zero",
+]
+
+#: One buffer, or a scatter/gather list of buffers (a ``list`` or ``tuple``).
+BufferSpec: TypeAlias = "Buffer | Sequence[Buffer]"
+PathLike: TypeAlias = "str | os.PathLike[str] | None"
+
+_ffi = cffi.FFI()
+_from_buffer = _ffi.from_buffer
+_cast = _ffi.cast
+_ZERO8 = bytes(8)
+_UINT32 = 1 << 32
+_UINT64 = 1 << 64
+#: Keep-alives of requests whose session went away before their results were
+#: read (server gone, or a Session garbage collected while requests were
+#: outstanding): the server might still write into those buffers, so their
+#: memory is never given back.
+_ABANDONED: list[object] = []
+
+
+class Result(NamedTuple):
+    """One ``struct dmio_usrresp``: the request's id, 0 or an errno, the response immediate."""
+
+    id: int
+    error: int
+    immediate: bytes
+
+    @property
+    def ok(self) -> bool:
+        """True when the request succeeded."""
+        return self.error == 0
+
+    @property
+    def value(self) -> int:
+        """The immediate as a little-endian unsigned 64-bit integer."""
+        return int.from_bytes(self.immediate, "little")
+
+    @property
+    def crc(self) -> int:
+        """The immediate's low 32 bits (little-endian): the CRC of ``iscsi-crc32c``."""
+        return int.from_bytes(self.immediate[:4], "little")
+
+    def check(self) -> Result:
+        """Return this result, or raise :class:`OSError` with its errno if the request failed."""
+        if self.error:
+            raise OSError(self.error, f"{os.strerror(self.error)} (request {self.id})")
+        return self
+
+
+class Request(NamedTuple):
+    """A request for :meth:`Session.submit_many` (the arguments of :meth:`Session.submit`)."""
+
+    out: BufferSpec | None = None
+    inputs: Sequence[BufferSpec] = ()
+    immediate: bytes | int = b""
+    req_id: int | None = None
+
+
+class SubmitError(OSError):
+    """The server refused a request of a submission; the ones before it were accepted.
+
+    ``errno`` is the server's (EINVAL, EFAULT, ENXIO, EAGAIN, ...). ``accepted``
+    lists the ids of the requests of this call that were accepted before the
+    refused one: they are outstanding, and their results must be read as
+    usual. ``index`` is the refused request's position in the call (0 for
+    :meth:`Session.submit`) and ``req_id`` its id; it and every request after
+    it were not submitted.
+    """
+
+    accepted: list[int]
+    index: int
+    req_id: int
+
+
+class SubmitWouldBlock(SubmitError, BlockingIOError):
+    """A :class:`SubmitError` with EAGAIN: the session's queue (or the server's global cap) is full."""
+
+
+def _submit_error(err: int, accepted: list[int], index: int, req_id: int) -> SubmitError:
+    cls = SubmitWouldBlock if err == errno.EAGAIN else SubmitError
+    exc = cls(err, f"{os.strerror(err)} (request {req_id}, #{index} of the submission)")
+    exc.accepted, exc.index, exc.req_id = accepted, index, req_id
+    return exc
+
+
+def _mountpoint(mountpoint: PathLike) -> Path:
+    return default_mountpoint() if mountpoint is None else Path(mountpoint)
+
+
+def functions(mountpoint: PathLike = None) -> list[str]:
+    """The functions the mount offers (the entries of ``func/``), sorted."""
+    return sorted(os.listdir(_mountpoint(mountpoint) / "func"))
+
+
+# -- building requests ------------------------------------------------------------------
+
+
+def _export(obj: object, writable: bool, what: str) -> Any:
+    """A cffi view of *obj*'s memory: holds a buffer export until released."""
+    try:
+        return _from_buffer(obj, require_writable=writable)
+    except TypeError:
+        raise TypeError(f"{what}: {type(obj).__name__} does not support the buffer protocol") from None
+    except (BufferError, ValueError) as exc:  # the exporter's words for read-only or non-contiguous
+        if writable and memoryview(obj).readonly:  # type: ignore[arg-type]
+            raise TypeError(f"{what}: a read-only {type(obj).__name__} cannot be written into") from None
+        raise ValueError(f"{what}: {exc} (buffers must be C-contiguous)") from None
+
+
+def _segments(spec: BufferSpec, writable: bool, what: str) -> list[Any]:
+    if isinstance(spec, (list, tuple)):
+        return [_export(part, writable, f"{what}[{i}]") for i, part in enumerate(spec)]
+    return [_export(spec, writable, what)]
+
+
+def _immediate(value: bytes | int) -> bytes:
+    if value == b"" or value == 0:
+        return _ZERO8
+    if isinstance(value, int):
+        if not 0 <= value < _UINT64:
+            raise ValueError(f"immediate {value} is not an unsigned 64-bit integer")
+        return value.to_bytes(8, "little")
+    raw = bytes(value)
+    if len(raw) > 8:
+        raise ValueError(f"immediate is {len(raw)} bytes, at most 8")
+    return raw.ljust(8, b"\0")
+
+
+def _release(exports: list[Any]) -> None:
+    for cdata in exports:
+        _ffi.release(cdata)
+
+
+class _Built:
+    """A batch of packed requests and everything they point at."""
+
+    __slots__ = ("payload", "ids", "keeps")
+
+    def __init__(self, payload: bytearray, ids: list[int], keeps: list[tuple[list[Any], Any]]) -> None:
+        self.payload = payload
+        self.ids = ids
+        self.keeps = keeps
+
+
+def _addr(cdata: Any) -> int:
+    return int(_cast("uintptr_t", cdata))
+
+
+def _build(requests: Sequence[Request], ids: list[int]) -> _Built:
+    """Pack *requests*; every check that can fail is done before anything is sent."""
+    parsed = []
+    meta_size = 0
+    for index, req in enumerate(requests):
+        what = f"request #{index}"
+        inputs = req.inputs
+        if isinstance(inputs, (list, tuple)):
+            pass
+        else:
+            try:
+                memoryview(inputs)  # type: ignore[arg-type]
+            except TypeError:
+                inputs = list(inputs)
+            else:
+                raise TypeError(f"{what}: inputs must be a sequence of buffers; put a single input in a list")
+        out = None if req.out is None else _segments(req.out, True, f"{what} out")
+        ins = [_segments(spec, False, f"{what} inputs[{i}]") for i, spec in enumerate(inputs)]
+        imm = _immediate(req.immediate)
+        parsed.append((out, ins, imm))
+        meta_size += BUFFER.size * len(ins) + IOVEC.size * ((len(out) if out else 0) + sum(len(s) for s in ins))
+    # One block for every request's dmio_buffer tables and iovec arrays.
+    meta = _ffi.new("char[]", max(meta_size, 1))
+    base = _addr(meta)
+    view = _ffi.buffer(meta)
+    payload = bytearray(REQ_SIZE * len(requests))
+    keeps: list[tuple[list[Any], Any]] = []
+    off = 0
+
+    def iovecs(segs: list[Any]) -> int:
+        nonlocal off
+        start = base + off
+        for cdata in segs:
+            IOVEC.pack_into(view, off, _addr(cdata), len(cdata))
+            off += IOVEC.size
+        return start
+
+    for index, (out, ins, imm) in enumerate(parsed):
+        exports: list[Any] = []
+        out_ptr = out_cnt = in_ptr = 0
+        if out is not None:
+            exports += out
+            out_ptr, out_cnt = iovecs(out), len(out)
+        if ins:
+            table = off
+            in_ptr = base + table
+            off += BUFFER.size * len(ins)
+            for i, segs in enumerate(ins):
+                exports += segs
+                BUFFER.pack_into(view, table + BUFFER.size * i, iovecs(segs), len(segs))
+        USRREQ.pack_into(payload, REQ_SIZE * index, out_ptr, out_cnt, imm, in_ptr, ids[index])
+        keeps.append((exports, meta))
+    return _Built(payload, ids, keeps)
+
+
+# -- sessions -------------------------------------------------------------------------
+
+
+def _close(fd: int) -> None:
+    # Linux releases the descriptor even when close() fails (ENOTCONN once the server is gone).
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _async_library() -> str:
+    try:
+        import sniffio
+
+        return sniffio.current_async_library()
+    except ImportError:  # pragma: no cover - sniffio comes with trio
+        import asyncio
+
+        asyncio.get_running_loop()
+        return "asyncio"
+
+
+class Session:
+    """One dmoverio session with *function* selected, on the mount at *mountpoint*.
+
+    *mountpoint* None is the default mount point
+    (:func:`dmoverfs.paths.default_mountpoint`). The session is opened through
+    ``func/FUNCTION``, or ``dmoverio`` and the ``user.dmover.function``
+    attribute for a name that is not there (so an unknown function fails with
+    ``OSError(ESRCH)``). With *nonblocking*, :meth:`submit` raises
+    :class:`SubmitWouldBlock` instead of waiting for room and
+    :meth:`results` without a timeout returns what is ready.
+
+    A context manager: leaving it calls :meth:`close`. :meth:`submit` and
+    :meth:`results` may run in different threads at once (one submitting, one
+    reading); several threads reading at once get the results in no defined
+    split.
+
+    A session holds at most its queue depth of requests (``dmoverfs mount
+    --queue-depth``, 64 by default) submitted and not yet read back. Past
+    that, a blocking submission waits until results are read, which only
+    another thread can do: a single-threaded program reads results before
+    submitting more, or uses a non-blocking session.
+    """
+
+    def __init__(self, mountpoint: PathLike, function: str, *, nonblocking: bool = False) -> None:
+        self._fd = -1
+        self._nbfd = -1
+        self._pending: dict[int, tuple[list[Any], Any]] = {}
+        self._stash: deque[Result] = deque()
+        self._lock = threading.Lock()
+        self._next_id = 1
+        self._pid = os.getpid()
+        self.mountpoint = _mountpoint(mountpoint)
+        self.function = function
+        self._nonblocking = bool(nonblocking)
+        self._fd = self._open(function)
+        try:
+            # A second open file of the same session, non-blocking at open():
+            # the session's O_NONBLOCK is per open file, and fcntl(F_SETFL)
+            # never reaches a FUSE server.
+            self._nbfd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
+
+    def _open(self, function: str) -> int:
+        direct = function and "/" not in function and "\0" not in function and function not in (".", "..")
+        if direct:
+            try:
+                return os.open(self.mountpoint / "func" / function, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                pass  # not listed: let the server say why (ESRCH), or that the mount is missing
+        fd = os.open(self.mountpoint / "dmoverio", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.setxattr(fd, XATTR_FUNCTION, function.encode())
+        except OSError as exc:
+            _close(fd)
+            if exc.errno == errno.ESRCH:
+                raise OSError(errno.ESRCH, f"{self.mountpoint} has no function {function!r}") from None
+            raise
+        except BaseException:
+            _close(fd)
+            raise
+        return fd
+
+    # -- the basics ---------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        """The session's (blocking) descriptor, for ``select``, ``poll``, ``selectors``, trio, asyncio.
+
+        Readiness is the session's: readable when a result is ready, writable
+        when the queue has room. Reading or writing it directly bypasses the
+        client's bookkeeping (ids, kept buffers).
+        """
+        self._check_open()
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    @property
+    def nonblocking(self) -> bool:
+        """Whether :meth:`submit` and :meth:`results` (without a timeout) return instead of waiting."""
+        return self._nonblocking
+
+    @nonblocking.setter
+    def nonblocking(self, value: bool) -> None:
+        self._nonblocking = bool(value)
+
+    def set_blocking(self, blocking: bool) -> None:
+        """As :meth:`socket.socket.setblocking`: ``set_blocking(False)`` makes the session non-blocking."""
+        self._nonblocking = not blocking
+
+    @property
+    def outstanding(self) -> int:
+        """Requests submitted whose results have not been returned by :meth:`results` yet."""
+        return len(self._pending) + len(self._stash)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd={self._fd}, outstanding={self.outstanding}"
+        return f"<dmoverfs.client.Session {self.function!r} at {str(self.mountpoint)!r} {state}>"
+
+    def close(self) -> None:
+        """Wait for the outstanding requests (discarding their results), then close the session.
+
+        Waiting guarantees that no request writes into a buffer after
+        ``close()`` returns. If the results cannot be read (the server went
+        away, or the wait was interrupted), the buffers of the unfinished
+        requests are kept alive for the life of the process instead.
+        """
+        if self.closed:
+            return
+        try:
+            if self._pending and os.getpid() == self._pid:
+                self._stash.clear()
+                while self._pending:
+                    self._read(self._fd, len(self._pending))
+        except OSError:
+            pass
+        finally:
+            self._stash.clear()
+            self._abandon()
+            fd, nbfd, self._fd, self._nbfd = self._fd, self._nbfd, -1, -1
+            _close(nbfd)
+            _close(fd)
+
+    def _abandon(self) -> None:
+        if self._pending:
+            _ABANDONED.append(list(self._pending.values()))
+            self._pending.clear()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            # No waiting in a finalizer: keep the buffers of unread requests alive for good.
+            self._abandon()
+            _close(self._nbfd)
+            _close(self._fd)
+            self._fd = self._nbfd = -1
+
+    def _check_open(self) -> None:
+        if self._fd < 0:
+            raise ValueError("I/O operation on a closed dmoverfs session")
+        if os.getpid() != self._pid:
+            raise RuntimeError("a dmoverfs session addresses the memory of the process that opened it; open a new one")
+
+    # -- submitting ---------------------------------------------------------------------
+
+    def submit(
+        self,
+        out: BufferSpec | None = None,
+        inputs: Sequence[BufferSpec] = (),
+        immediate: bytes | int = b"",
+        req_id: int | None = None,
+    ) -> int:
+        """Submit one request; returns its id.
+
+        *out* is the output buffer (None for none, as ``iscsi-crc32c`` wants),
+        *inputs* a sequence of input buffers; each may be one buffer or a
+        list of buffers (scatter/gather). *immediate* is up to 8 bytes, or an
+        unsigned integer stored little-endian (``fill8``'s byte, a CRC seed).
+        *req_id* None assigns an id unused by the session's outstanding
+        requests; an explicit one must be a 32-bit unsigned integer not
+        outstanding.
+
+        Raises TypeError (a read-only output, a non-buffer) or ValueError
+        (a non-contiguous buffer, a bad immediate or id) before anything is
+        sent; :class:`SubmitError` when the server refuses the request
+        (EINVAL for lengths that do not match, ...); :class:`SubmitWouldBlock`
+        (a BlockingIOError) when the session is non-blocking and its queue is
+        full. A blocking session waits for room.
+        """
+        ids = self.submit_many([Request(out, inputs, immediate, req_id)])
+        if not ids:  # pragma: no cover - submit_many raises rather than accept nothing
+            raise _submit_error(errno.EAGAIN, [], 0, -1)
+        return ids[0]
+
+    def submit_many(self, requests: Iterable[Request | dict[str, Any]]) -> list[int]:
+        """Submit a batch of requests in one ``write()``; returns the ids accepted, in order.
+
+        Each item is a :class:`Request` (or a dict of its fields). Everything
+        is checked and packed before the write. Short writes are continued,
+        so the outcome is one of:
+
+        - every request accepted: all the ids;
+        - a non-blocking session whose queue filled up after at least one
+          request of the batch was accepted: the ids of those (a prefix of
+          the batch); the others were not submitted;
+        - the server refused a request: :class:`SubmitError` carrying its
+          errno, its ``index`` in the batch and the ids ``accepted`` before
+          it (outstanding as any other); it and the requests after it were
+          not submitted. Nothing accepted in a non-blocking session with a
+          full queue is :class:`SubmitWouldBlock`, ``accepted == []``.
+        """
+        reqs = [Request(**r) if isinstance(r, dict) else r for r in requests]
+        self._check_open()
+        if not reqs:
+            return []
+        ids = self._assign_ids(reqs)
+        try:
+            built = _build(reqs, ids)
+        except BaseException:
+            self._unassign(ids)
+            raise
+        return self._send(built)
+
+    def _assign_ids(self, reqs: list[Request]) -> list[int]:
+        ids: list[int] = []
+        with self._lock:
+            taken = self._pending
+            chosen: set[int] = set()
+            for index, req in enumerate(reqs):
+                rid = req.req_id
+                if rid is None:
+                    rid = self._next_id
+                    while rid in taken or rid in chosen:
+                        rid = (rid + 1) % _UINT32
+                    self._next_id = (rid + 1) % _UINT32
+                elif not (isinstance(rid, int) and 0 <= rid < _UINT32):
+                    self._unassign_locked(ids)
+                    raise ValueError(f"request #{index}: id {rid!r} is not a 32-bit unsigned integer")
+                elif rid in taken or rid in chosen:
+                    self._unassign_locked(ids)
+                    raise ValueError(f"request #{index}: id {rid} is already outstanding")
+                chosen.add(rid)
+                ids.append(rid)
+                # Reserved now, so a concurrent submit cannot take it; filled in by _send.
+                taken[rid] = ([], None)
+        return ids
+
+    def _unassign(self, ids: list[int]) -> None:
+        with self._lock:
+            self._unassign_locked(ids)
+
+    def _unassign_locked(self, ids: list[int]) -> None:
+        for rid in ids:
+            self._pending.pop(rid, None)
+
+    def _send(self, built: _Built) -> list[int]:
+        ids = built.ids
+        # Recorded before the write: a thread reading results may see them before write() returns.
+        with self._lock:
+            for rid, keep in zip(ids, built.keeps):
+                self._pending[rid] = keep
+        fd = self._nbfd if self._nonblocking else self._fd
+        payload = memoryview(built.payload)
+        count = len(ids)
+        done = 0
+        try:
+            while done < count:
+                try:
+                    written = os.write(fd, payload[done * REQ_SIZE :])
+                except OSError as exc:
+                    if exc.errno == errno.EAGAIN and self._nonblocking and done:
+                        break
+                    raise _submit_error(exc.errno or errno.EIO, ids[:done], done, ids[done]) from None
+                whole, rest = divmod(written, REQ_SIZE)
+                if rest or not written:  # the server only ever accepts whole requests
+                    done += whole
+                    raise _submit_error(errno.EIO, ids[:done], done, ids[done] if done < count else -1)
+                done += whole
+        finally:
+            if done < count:
+                with self._lock:
+                    for rid in ids[done:]:
+                        exports, _ = self._pending.pop(rid)
+                        _release(exports)
+        return ids[:done]
+
+    # -- results ------------------------------------------------------------------------
+
+    def _read(self, fd: int, want: int) -> int:
+        """Read up to *want* responses from *fd* into the stash; releases their buffers."""
+        data = os.read(fd, RESP_SIZE * want)
+        if len(data) % RESP_SIZE:
+            raise OSError(errno.EIO, f"the server returned {len(data)} bytes, not whole responses")
+        got = [Result(*fields) for fields in USRRESP.iter_unpack(data)]
+        self._stash.extend(got)
+        with self._lock:
+            for res in got:
+                keep = self._pending.pop(res.id, None)
+                if keep is not None:
+                    _release(keep[0])
+        return len(got)
+
+    def _take(self, n: int) -> list[Result]:
+        stash = self._stash
+        return [stash.popleft() for _ in range(min(n, len(stash)))]
+
+    def _poll(self, events: int, timeout: float | None) -> int:
+        poller = select.poll()
+        poller.register(self._fd, events)
+        ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        ready = poller.poll(ms)
+        return ready[0][1] if ready else 0
+
+    def results(self, n: int | None = 1, timeout: float | None = None) -> list[Result]:
+        """Results of submitted requests, in completion order (not submission order).
+
+        *n* None means all outstanding requests.
+
+        - ``timeout=None``, blocking session: waits until *n* results are
+          ready and returns exactly *n*. *n* larger than :attr:`outstanding`
+          is a ValueError (it could never return).
+        - ``timeout=None``, non-blocking session: returns the results ready
+          now, at most *n*; raises BlockingIOError when none is.
+        - ``timeout=T`` (seconds, either mode): waits until *n* results are
+          ready or *T* seconds have passed, and returns what it has, at most
+          *n* — fewer, possibly none (``[]``), only at the deadline. It never
+          raises TimeoutError, so no result read before the deadline is lost.
+          ``timeout=0`` takes what is ready without waiting.
+
+        A result read from the server is never lost: if the call is
+        interrupted (KeyboardInterrupt, cancellation of :meth:`aresults`),
+        what it had read is returned by the next call. Reading a result
+        releases the buffers of its request.
+        """
+        self._check_open()
+        if n is None:
+            n = self.outstanding
+        if n < 0:
+            raise ValueError(f"n = {n} < 0")
+        if timeout is None and not self._nonblocking:
+            if n > self.outstanding:
+                raise ValueError(f"{n} results wanted, {self.outstanding} requests outstanding")
+            while len(self._stash) < n:
+                # A blocking read returns when its buffer is full; short only across FUSE's transfer size.
+                self._read(self._fd, n - len(self._stash))
+            return self._take(n)
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        while len(self._stash) < n:
+            # Read first: small requests complete inside write(), so results are usually ready.
+            try:
+                self._read(self._nbfd, n - len(self._stash))
+                continue
+            except BlockingIOError:
+                pass
+            if deadline is None:
+                if not self._stash:
+                    raise BlockingIOError(errno.EAGAIN, "no result is ready")
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._poll(select.POLLIN, remaining)
+        return self._take(n)
+
+    # -- async --------------------------------------------------------------------------
+
+    async def wait_readable(self) -> None:
+        """Wait, under trio or asyncio, until a result is ready (the descriptor polls readable).
+
+        One task at a time per session may wait (trio raises BusyResourceError
+        for a second; asyncio would replace the first's callback).
+        """
+        await self._wait(readable=True)
+
+    async def wait_writable(self) -> None:
+        """Wait, under trio or asyncio, until the session's queue has room."""
+        await self._wait(readable=False)
+
+    async def _wait(self, readable: bool) -> None:
+        self._check_open()
+        fd = self._fd
+        library = _async_library()
+        if library == "trio":
+            import trio
+
+            await (trio.lowlevel.wait_readable(fd) if readable else trio.lowlevel.wait_writable(fd))
+        elif library == "asyncio":
+            import asyncio
+
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[None] = loop.create_future()
+
+            def wake() -> None:
+                if not future.done():
+                    future.set_result(None)
+
+            add, remove = (loop.add_reader, loop.remove_reader) if readable else (loop.add_writer, loop.remove_writer)
+            add(fd, wake)
+            try:
+                await future
+            finally:
+                remove(fd)
+        else:
+            raise RuntimeError(f"unsupported async library {library!r} (trio and asyncio are)")
+
+    async def aresults(self, n: int | None = 1) -> list[Result]:
+        """Wait without blocking the event loop (trio or asyncio) until *n* results are ready; return them.
+
+        *n* None means all outstanding. Cancelling it loses nothing: results
+        already read are returned by the next :meth:`results` or
+        :meth:`aresults`.
+        """
+        self._check_open()
+        if n is None:
+            n = self.outstanding
+        if n > self.outstanding:
+            raise ValueError(f"{n} results wanted, {self.outstanding} requests outstanding")
+        while len(self._stash) < n:
+            try:
+                self._read(self._nbfd, n - len(self._stash))
+            except BlockingIOError:
+                await self.wait_readable()
+        return self._take(n)
+
+
+# -- one-call helpers ---------------------------------------------------------------------
+
+
+def _one(
+    mountpoint: PathLike, function: str, out: BufferSpec | None, inputs: Sequence[BufferSpec] = (), immediate: bytes | int = b""
+) -> Result:
+    with Session(mountpoint, function) as session:
+        session.submit(out, inputs, immediate)
+        (result,) = session.results(1)
+    return result.check()
+
+
+def zero(mountpoint: PathLike, buf: BufferSpec) -> None:
+    """Fill *buf* with zeros (``zero``). *mountpoint* None is the default mount point."""
+    _one(mountpoint, "zero", buf)
+
+
+def fill8(mountpoint: PathLike, buf: BufferSpec, byte: int) -> None:
+    """Fill *buf* with *byte* (0..255) (``fill8``)."""
+    if not 0 <= byte < 256:
+        raise ValueError(f"fill byte {byte} is not in 0..255")
+    _one(mountpoint, "fill8", buf, (), byte)
+
+
+def copy(mountpoint: PathLike, dst: BufferSpec, src: BufferSpec) -> None:
+    """Copy *src* into *dst*, of the same length (``copy``)."""
+    _one(mountpoint, "copy", dst, [src])
+
+
+def xor(mountpoint: PathLike, dst: BufferSpec, *srcs: BufferSpec) -> None:
+    """Store the XOR of 2 to 16 buffers *srcs* into *dst* (``xor2`` ... ``xor16``)."""
+    if not 2 <= len(srcs) <= 16:
+        raise ValueError(f"xor takes 2 to 16 inputs, not {len(srcs)}")
+    _one(mountpoint, f"xor{len(srcs)}", dst, srcs)
+
+
+def crc32c(mountpoint: PathLike, data: BufferSpec, seed: int = 0) -> int:
+    """The CRC32C of *data* (``iscsi-crc32c``); *seed* is a previous CRC, to chain."""
+    if not 0 <= seed < _UINT32:
+        raise ValueError(f"seed {seed} is not a 32-bit unsigned integer")
+    return _one(mountpoint, "iscsi-crc32c", None, [data], seed).crc
