@@ -17,12 +17,14 @@ from dmoverfs.wire import REQ_SIZE, RESP_SIZE
 
 @dataclass(frozen=True)
 class Function:
-    """One function of the function table."""
+    """One function of the function table (index -1: one only plug-in back-ends perform)."""
 
     index: int
     name: str
     ninputs: int
     has_output: bool
+    #: Its requests go through Python's scheduler (a plug-in back-end offers it too).
+    external: bool = False
 
 
 def functions() -> list[Function]:
@@ -64,6 +66,8 @@ class Core:
         # One response buffer serves every take(): only the event-loop thread calls it.
         self._resp_buf = ffi.new("char[]", tunables.queue_depth * RESP_SIZE)
         self._resp_cap = tunables.queue_depth
+        self._taken = ffi.new("dm_req *[]", 1024)
+        self._info = ffi.new("struct dm_req_info *")
 
     @property
     def eventfd(self) -> int:
@@ -89,7 +93,18 @@ class Core:
         total = ffi.new("struct dm_core_stats *")
         per = ffi.new("struct dm_func_stats[]", len(self.functions))
         lib.dm_core_stats(self._ptr, total, per, len(self.functions))
-        fields = ("outstanding", "executing", "meta_bytes", "inline_runs", "worker_runs", "refused_limits")
+        fields = (
+            "outstanding",
+            "executing",
+            "meta_bytes",
+            "inline_runs",
+            "worker_runs",
+            "refused_limits",
+            "executing_bytes",
+            "run_bytes",
+            "busy_ns",
+            "external",
+        )
         core = {name: getattr(total, name) for name in fields}
         funcs = {
             f.name: {k: getattr(per[f.index], k) for k in ("submitted", "completed", "failed", "bytes")} for f in self.functions
@@ -109,6 +124,66 @@ class Core:
     def take_into(self, sess_ptr, max_resps: int) -> bytes:
         n = lib.dm_sess_take(sess_ptr, self._resp_buf, min(max_resps, self._resp_cap))
         return ffi.unpack(self._resp_buf, n * RESP_SIZE) if n else b""
+
+    # -- requests of external sessions (see dmoverfs.backends) --------------------------
+
+    @property
+    def executing_bytes(self) -> int:
+        """Bytes of the requests queued to or running on the core's workers."""
+        total = ffi.new("struct dm_core_stats *")
+        lib.dm_core_stats(self._ptr, total, ffi.NULL, 0)
+        return total.executing_bytes
+
+    def take_external(self) -> list:
+        """The requests external sessions have had accepted, oldest first."""
+        out = []
+        while True:
+            n = lib.dm_core_take_external(self._ptr, self._taken, len(self._taken))
+            out.extend(self._taken[0:n])
+            if n < len(self._taken):
+                return out
+
+    def req_info(self, req) -> dict:
+        info = self._info
+        lib.dm_req_info(req, info)
+        return {
+            "session": info.session,
+            "id": info.id,
+            "func": info.func,
+            "err": info.err,
+            "ninputs": info.ninputs,
+            "has_output": info.has_output,
+            "total": info.total,
+            "immediate": bytes(ffi.buffer(info.immediate)),
+        }
+
+    @staticmethod
+    def req_read(req, i: int, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0:
+            raise OSError(errno.EINVAL, "negative offset or size")
+        buf = bytearray(size)
+        err = lib.dm_req_read(req, i, offset, ffi.from_buffer(buf), size) if size else 0
+        if err:
+            raise OSError(err, f"reading input {i}: {os.strerror(err)}")
+        return bytes(buf)
+
+    @staticmethod
+    def req_write(req, offset: int, data) -> None:
+        if offset < 0:
+            raise OSError(errno.EINVAL, "negative offset")
+        view = memoryview(data).cast("B")
+        err = lib.dm_req_write(req, offset, ffi.from_buffer(view), len(view))
+        if err:
+            raise OSError(err, f"writing the output: {os.strerror(err)}")
+
+    @staticmethod
+    def req_run(req) -> None:
+        """Hand the request to the C back-end."""
+        lib.dm_req_run(req)
+
+    @staticmethod
+    def req_complete(req, err: int, imm: bytes | None) -> None:
+        lib.dm_req_complete(req, err, ffi.NULL if imm is None else ffi.from_buffer(imm))
 
     def close(self) -> None:
         """Stop the workers and free everything."""
@@ -130,6 +205,10 @@ class CoreSession:
     def setfunc(self, index: int) -> int:
         """0, ESRCH or EBUSY."""
         return lib.dm_sess_setfunc(self._ptr, index)
+
+    def set_external(self, index: int, ninputs: int, has_output: bool) -> int:
+        """Select a function performed outside the C core (index -1 when the table lacks it)."""
+        return lib.dm_sess_set_external(self._ptr, index, ninputs, int(has_output))
 
     def submit(self, data: bytes, first: int, count: int) -> tuple[int, int]:
         """Start requests ``first .. first+count`` of *data*; (accepted, errno or 0)."""

@@ -20,6 +20,7 @@ import trio
 import trio.testing
 
 from dmoverfs import __version__, stats
+from dmoverfs.backends import BuiltinBackend, Dispatcher, Registry
 from dmoverfs.core import Core, Function
 from dmoverfs.fs import DmoverOperations
 from dmoverfs.fuse import pyfuse3
@@ -36,19 +37,40 @@ SHUTDOWN_GRACE_S = 1.0
 class Device:
     """The state of one mount: the core, the open sessions, the counters."""
 
-    def __init__(self, tunables: Tunables, mountpoint: str) -> None:
+    def __init__(self, tunables: Tunables, mountpoint: str, registry: Registry | None = None) -> None:
         tunables.validate()
         self.tunables = tunables
         self.mountpoint = mountpoint
         self.core = Core(tunables)
-        self.functions: dict[str, Function] = {f.name: f for f in self.core.functions}
+        if registry is None:
+            registry = Registry()
+            registry.register(BuiltinBackend())
+        self.registry = registry
+        registry.builtin_load = lambda: self.core.executing_bytes
+        self.functions: dict[str, Function] = self._functions()
         self.sessions: dict[int, Session] = {}
+        self.dispatcher = Dispatcher(self.core, registry, self._function_of)
         self.counters = Counters()
         self.started_ns = time.time_ns()
         self.fuse_initialised = trio.Event()
         self.shutting_down = False
         #: Inodes held by the FUSE layer (set by it; shown in stats to expose leaks).
         self.inode_count: Callable[[], int] = lambda: 0
+
+    def _functions(self) -> dict[str, Function]:
+        """What the active back-ends offer. A function only the built-in back-end
+        offers stays on the C fast path; the others go through the dispatcher."""
+        table = {f.name: f for f in self.core.functions}
+        out: dict[str, Function] = {}
+        for name, spec in self.registry.functions().items():
+            plugins = [b for b in self.registry.offering(name) if not isinstance(b, BuiltinBackend)]
+            index = table[name].index if name in table else -1
+            out[name] = Function(index, name, spec.ninputs, spec.has_output, external=bool(plugins))
+        return out
+
+    def _function_of(self, sid: int) -> str | None:
+        session = self.sessions.get(sid)
+        return session.function.name if session is not None and session.function is not None else None
 
     # -- sessions ---------------------------------------------------------------------
 
@@ -61,7 +83,9 @@ class Device:
         pid = thread_group(ctx.pid)
         client = Client(pid=pid, uid=ctx.uid, gid=ctx.gid)
         core_session = self.core.session(sid, pid, open_pidfd(pid), self.tunables.queue_depth)
-        session = Session(sid, core_session, client, self.tunables.queue_depth, self.functions, self.counters)
+        session = Session(
+            sid, core_session, client, self.tunables.queue_depth, self.functions, self.counters, self.dispatcher.dispatch
+        )
         if preset is not None:
             session.set_function(preset.name.encode())
         self.sessions[sid] = session
@@ -136,6 +160,7 @@ async def _run(device: Device, ready_fd: int | None) -> None:
     # session and direction, plus room for the requests that never block.
     max_tasks = 2 * device.tunables.max_sessions + 64
     async with trio.open_nursery() as nursery:
+        device.dispatcher.nursery = nursery  # plug-in back-ends' requests run as its tasks
         nursery.start_soon(_pump_completions, device)
         nursery.start_soon(_stop_on_signal, device)
         nursery.start_soon(_announce_ready, device, ready_fd)
@@ -159,6 +184,7 @@ def serve(
     allow_other: bool = False,
     debug: bool = False,
     ready_fd: int | None = None,
+    registry: Registry | None = None,
 ) -> None:
     """Mount dmoverfs at *mountpoint* and serve it until unmounted or signalled.
 
@@ -166,7 +192,7 @@ def serve(
     answers requests, and the descriptor is closed.
     """
     _raise_open_file_limit(tunables)
-    device = Device(tunables, mountpoint)
+    device = Device(tunables, mountpoint, registry)
     ops = DmoverOperations(device)
     options = set(pyfuse3.default_options) | {"fsname=dmoverfs", "subtype=dmoverfs"}
     if allow_other:

@@ -115,6 +115,7 @@ class Session:
         depth: int,
         functions: dict[str, Function],
         counters: Counters,
+        dispatch: Callable[[], None] | None = None,
     ) -> None:
         self.sid = sid
         self.client = client
@@ -125,6 +126,8 @@ class Session:
         self._core = core
         self._functions = functions
         self._counters = counters
+        #: Assigns accepted requests of external functions to back-ends (dmoverfs.backends).
+        self._dispatch = dispatch
         self._readers = trio.lowlevel.ParkingLot()
         self._writers = trio.lowlevel.ParkingLot()
         self._down = False
@@ -141,7 +144,10 @@ class Session:
             raise OSError(errno.ESRCH, f"no function {name!r}")
         if self.function is not None:
             raise OSError(errno.EBUSY, "the session already has a function")
-        err = self._core.setfunc(func.index)
+        if func.external:
+            err = self._core.set_external(func.index, func.ninputs, func.has_output)
+        else:
+            err = self._core.setfunc(func.index)
         if err:
             raise OSError(err, f"cannot select {name!r}")
         self.function = func
@@ -160,6 +166,8 @@ class Session:
             accepted, err = self._core.submit(data, done, count - done)
             if accepted:
                 done += accepted
+                if self._dispatch is not None and self.function is not None and self.function.external:
+                    self._dispatch()
                 self._after_submit()
             if err:
                 if err == errno.EPERM:

@@ -42,18 +42,48 @@ def snapshot(device: Device) -> dict[str, Any]:
             "refused_by_limits": core["refused_limits"],
             "metadata_bytes": core["meta_bytes"],
         },
-        "functions": per_function,
-        "backends": {
-            "builtin": {
+        "functions": per_function | {name: vars(c).copy() for name, c in device.dispatcher.plugin_functions.items()},
+        "backends": _backends(device, core),
+        "limits": device.tunables.as_dict(),
+    }
+
+
+def _backends(device: Device, core: dict[str, int]) -> dict[str, Any]:
+    """Per back-end: what it offers, its speed, and assigned / bytes / busy time / queue length."""
+    from dmoverfs.backends import BuiltinBackend
+
+    out: dict[str, Any] = {}
+    for name, backend in device.registry.backends.items():
+        functions = {f: {"ninputs": s.ninputs, "has_output": s.has_output} for f, s in backend.functions.items()}
+        if isinstance(backend, BuiltinBackend):
+            # The core counts every request it runs, fast-path sessions' included.
+            out[name] = {
+                "speed": backend.speed,
+                "assigned": core["inline_runs"] + core["worker_runs"] + core["executing"],
+                "bytes": core["run_bytes"],
+                "busy_s": round(core["busy_ns"] / 1e9, 6),
+                "queue_length": core["executing"],
+                "queued_bytes": core["executing_bytes"],
                 "kernels": device.core.kernels,
                 "workers": device.tunables.workers,
                 "inline_runs": core["inline_runs"],
                 "worker_runs": core["worker_runs"],
                 "in_flight": core["executing"],
+                "functions": functions,
             }
-        },
-        "limits": device.tunables.as_dict(),
-    }
+            continue
+        st = device.registry.stats[name]
+        out[name] = {
+            "speed": backend.speed,
+            "assigned": st.assigned,
+            "bytes": st.bytes,
+            "busy_s": round(st.busy_ns / 1e9, 6),
+            "queue_length": st.queued,
+            "queued_bytes": st.queued_bytes,
+            "failed": st.failed,
+            "functions": functions,
+        }
+    return out
 
 
 def format_table(data: dict[str, Any]) -> str:
@@ -70,7 +100,9 @@ def format_table(data: dict[str, Any]) -> str:
         lines.append(f"{name:<14}{row['submitted']:>12}{row['completed']:>12}{row['failed']:>9}{row['bytes']:>16}")
     lines.append("")
     for name, backend in data["backends"].items():
-        details = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in backend.items())
+        details = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in backend.items() if k != "functions")
+        if backend.get("functions"):
+            details += "; functions " + " ".join(backend["functions"])
         lines.append(f"back-end {name}: {details}")
     lines.append("limits: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in data["limits"].items()))
     return "\n".join(lines)

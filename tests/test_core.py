@@ -162,8 +162,16 @@ class Core:
         core = {
             k: getattr(total, k)
             for k in (
-                "outstanding", "executing", "meta_bytes", "inline_runs", "worker_runs", "refused_limits",
-                "executing_bytes", "run_bytes", "busy_ns", "external",
+                "outstanding",
+                "executing",
+                "meta_bytes",
+                "inline_runs",
+                "worker_runs",
+                "refused_limits",
+                "executing_bytes",
+                "run_bytes",
+                "busy_ns",
+                "external",
             )
         }
         funcs = {
@@ -1250,8 +1258,14 @@ def test_external_requests_are_validated_and_taken(make_core):
     assert take_external(core) == []
     info = req_info(core, r)
     assert info == {
-        "session": s.id, "id": 7, "func": -1, "err": 0, "ninputs": 1, "has_output": 1,
-        "total": size, "immediate": b"12345678",
+        "session": s.id,
+        "id": 7,
+        "func": -1,
+        "err": 0,
+        "ninputs": 1,
+        "has_output": 1,
+        "total": size,
+        "immediate": b"12345678",
     }
     # Reads and writes at any offset, through the cuts of both lists.
     for off, n in [(0, size), (1, 5), (SMALL_CHUNK - 3, 2 * SMALL_CHUNK), (size - 1, 1), (size, 0)]:
