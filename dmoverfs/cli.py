@@ -49,6 +49,10 @@ def _server_args(args: argparse.Namespace) -> list[str]:
         out.append("--debug")
     if args.dev_link:
         out.append("--dev-link")
+    for name in args.backend or ():
+        out += ["--backend", name]
+    for name in args.no_backend or ():
+        out += ["--no-backend", name]
     return out
 
 
@@ -68,6 +72,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             raise SystemExit(f"dmoverfs: {exc}") from None
     mountpoint.mkdir(parents=True, exist_ok=True)
     if args.foreground:
+        from dmoverfs import backends
         from dmoverfs.server import serve  # imports pyfuse3 and the C core only here
 
         logging.basicConfig(
@@ -80,7 +85,18 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 mounting.make_dev_link(mountpoint)
             if args.ready_fd is None:  # under a systemd Type=notify unit: READY=1 once the mount answers
                 args.ready_fd = mount_helper.systemd_ready_fd(mountpoint)
-            serve(str(mountpoint), tunables, allow_other=args.allow_other, debug=args.debug, ready_fd=args.ready_fd)
+            try:
+                registry = backends.make_registry(args.backend or (), args.no_backend or ())
+            except backends.BackendError as exc:
+                raise SystemExit(f"dmoverfs: {exc}") from None
+            serve(
+                str(mountpoint),
+                tunables,
+                allow_other=args.allow_other,
+                debug=args.debug,
+                ready_fd=args.ready_fd,
+                registry=registry,
+            )
         except OSError as exc:
             raise SystemExit(f"dmoverfs: {exc.strerror or exc}") from None
         except mounting.MountError as exc:
@@ -142,6 +158,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+def cmd_backends(args: argparse.Namespace) -> int:
+    """List the installed back-ends: speed and functions (or why one cannot load)."""
+    from dmoverfs import backends
+
+    failed = False
+    for item in backends.installed():
+        if isinstance(item, backends.BackendError):
+            print(f"dmoverfs: {item}", file=sys.stderr)
+            failed = True
+            continue
+        print(f"{item.name}: speed {item.speed:.3g} B/s, {len(item.functions)} function(s)")
+        print(backends.describe(item))
+    return 1 if failed else 0
+
+
 def cmd_cflags(args: argparse.Namespace) -> int:
     from dmoverfs import native
 
@@ -201,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--debug", action="store_true", help="log every FUSE request")
     mount.add_argument("--log-file", help="log of the background server")
     mount.add_argument("--dev-link", action="store_true", help="make /dev/dmoverio a link to the mount while it is up (root)")
+    mount.add_argument(
+        "--backend",
+        action="append",
+        metavar="NAME",
+        help="use only the named back-ends (repeatable; 'builtin' is the C core; see: dmoverfs backends)",
+    )
+    mount.add_argument("--no-backend", action="append", metavar="NAME", help="do not use back-end NAME (repeatable)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.set_defaults(func=cmd_mount)
 
@@ -213,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the raw JSON")
     status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
     status.set_defaults(func=cmd_status)
+
+    backends_cmd = sub.add_parser("backends", help="list the installed back-ends, their speed and functions")
+    backends_cmd.set_defaults(func=cmd_backends)
 
     cflags = sub.add_parser("cflags", help="print the compiler flags for <dev/dmover/dmover_io.h>")
     cflags.set_defaults(func=cmd_cflags)
