@@ -359,3 +359,34 @@ def test_backends_command(tmp_path):
     assert proc.returncode == 1
     assert "broken" in proc.stderr and "cannot be imported" in proc.stderr
     assert "conflict: speed" in proc.stdout  # installed; refused only when a mount registers it with builtin
+
+
+def test_the_readme_example_back_end():
+    """The README's back-end (a ```py block under "Back-ends") registers and runs."""
+    import re
+
+    import trio
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Back-ends") :]
+    (code,) = re.findall(r"```py\n(.*?)```", section[: section.index("\n## ", 5)], re.S)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    reg = Registry()
+    reg.register(BuiltinBackend())
+    reg.register(namespace["Rot13"]())
+    assert reg.choose("rot13", 100).name == "rot13"
+
+    class FakeJob:
+        immediate = b"12345678"
+        written = b""
+
+        def read_input(self, i, offset=0, size=None):
+            return b"Hello"
+
+        def write_output(self, data, offset=0):
+            self.written = data
+
+    job = FakeJob()
+    assert trio.run(reg.backends["rot13"].run, job) == (0, b"12345678")
+    assert job.written == b"Uryyb"
