@@ -390,3 +390,36 @@ def test_the_readme_example_back_end():
     job = FakeJob()
     assert trio.run(reg.backends["rot13"].run, job) == (0, b"12345678")
     assert job.written == b"Uryyb"
+
+
+def test_shutdown_with_plugin_requests_in_flight(server_factory):
+    """A plug-in still holding requests when the server stops: the blocked
+    reader is woken (ENXIO), the server exits cleanly."""
+    import threading
+
+    srv = server_factory("--backend", "slow", env=env_with(GOOD))
+    size = 64 * MIB  # slow holds it for 4 s
+    src = np.ones(size, dtype=np.uint8)
+    dst = np.zeros(size, dtype=np.uint8)
+    fd = open_session(srv.mountpoint, "copy")
+    result: list = []
+
+    def reader() -> None:
+        try:
+            result.append(os.read(fd, 16))
+        except OSError as exc:
+            result.append(exc.errno)
+
+    try:
+        submit(fd, request(1, out=whole(dst), inputs=[whole(src)]))
+        assert stats(srv.mountpoint)["backends"]["slow"]["queue_length"] == 1
+        t = threading.Thread(target=reader)
+        t.start()
+        assert srv.stop() == 0
+        t.join(30)
+        assert not t.is_alive() and result == [errno.ENXIO]
+    finally:
+        try:
+            os.close(fd)
+        except OSError:  # the mount is gone: ENOTCONN
+            pass
