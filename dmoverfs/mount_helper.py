@@ -52,6 +52,11 @@ FLAGS = {
 VALUED = {
     "log_file": "--log-file",
 }
+#: -o options with a value that may be given more than once (each one passed on).
+REPEATED = {
+    "backend": "--backend",
+    "no_backend": "--no-backend",
+}
 #: Generic options that mount(8), mount.fuse3 or fstab pass along and that mean
 #: nothing here (no device nodes, set-user-ID files or programs live in a dmoverfs mount).
 IGNORED = frozenset(
@@ -123,7 +128,7 @@ def _options(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def known_options() -> list[str]:
     """The -o options dmoverfs understands (for messages and the man page test)."""
-    return [*(f"{k}=N" for k in NUMERIC), *FLAGS, *(f"{k}=PATH" for k in VALUED)]
+    return [*(f"{k}=N" for k in NUMERIC), *FLAGS, *(f"{k}=PATH" for k in VALUED), *(f"{k}=NAME" for k in REPEATED)]
 
 
 def mount_argv(argv: list[str]) -> list[str]:
@@ -156,6 +161,8 @@ def mount_argv(argv: list[str]) -> list[str]:
             out.append(FLAGS[key])
         elif key in VALUED and has_value and value:
             out += [VALUED[key], value]
+        elif key in REPEATED and has_value and value:
+            out += [REPEATED[key], value]
         elif option == "ro":
             raise SystemExit("dmoverfs: -o ro: a dmoverfs mount cannot be read-only (requests are written to it)")
         else:

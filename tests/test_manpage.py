@@ -148,7 +148,7 @@ def test_the_drift_check_can_fail():
 
 def test_every_mount_helper_option_is_documented():
     text = sections(render())["MOUNTING FROM FSTAB"]
-    for key in [*mount_helper.NUMERIC, *mount_helper.FLAGS, *mount_helper.VALUED]:
+    for key in [*mount_helper.NUMERIC, *mount_helper.FLAGS, *mount_helper.VALUED, *mount_helper.REPEATED]:
         assert re.search(rf"\b{key}\b", text), key
     for generic in ("rw", "nodev", "nosuid", "noauto", "nofail", "_netdev", "ro", "drop_privileges"):
         assert re.search(rf"(?<![\w-]){generic}\b", text), generic

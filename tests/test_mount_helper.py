@@ -170,6 +170,8 @@ def test_helper_form_is_told_apart_from_subcommands():
             "rw,workers=3,max_sessions=0x10,max_requests=9,max_meta_bytes=65536,dev,suid",
             "-o",
             "debug,dev_link,log_file=/l,x-systemd.automount,comment=x,defaults,users,exec,relatime",
+            "-o",
+            "backend=a,no_backend=b,backend=c",
         ]
     )
     assert mapped == [
@@ -187,10 +189,17 @@ def test_helper_form_is_told_apart_from_subcommands():
         "--dev-link",
         "--log-file",
         "/l",
+        "--backend",
+        "a",
+        "--no-backend",
+        "b",
+        "--backend",
+        "c",
     ]
     # Whatever it maps to, the dmoverfs mount parser takes.
     args = cli.build_parser().parse_args(mapped)
     assert (args.workers, args.max_sessions, args.log_file) == (3, 16, "/l")
+    assert (args.backend, args.no_backend) == (["a", "c"], ["b"])
 
 
 @pytest.mark.parametrize(
@@ -262,10 +271,11 @@ def test_fstab_line(in_default_path, mnt, tmp_path):
     fstab.write_text(
         "# dmoverfs at boot\n"
         f"dmoverfs  {mnt}  fuse.dmoverfs  queue_depth=4,max_requests=100,allow_other,nofail,_netdev,"
-        f"x-systemd.requires=modprobe@fuse.service,log_file={log}  0  0\n"
+        f"x-systemd.requires=modprobe@fuse.service,backend=builtin,log_file={log}  0  0\n"
     )
     sh("mount", "-T", str(fstab), str(mnt))
     pid = check_working_mount(mnt, queue_depth=4, max_requests=100)
+    assert list(json.loads((mnt / "stats").read_text())["backends"]) == ["builtin"]
     assert "allow_other" in next(line for line in Path("/proc/self/mountinfo").read_text().splitlines() if f" {mnt} " in line)
     sh("umount", str(mnt))
     assert not mounting.is_mounted(mnt)
@@ -321,6 +331,14 @@ def test_mount_failure_is_reported_by_mount(in_default_path, mnt):
     result = sh("mount", "-t", "fuse.dmoverfs", "dmoverfs", str(mnt), "-o", "queue_depth=8,bogus", check=False)
     assert result.returncode != 0
     assert "unknown mount option 'bogus'" in result.stderr
+    assert not mounting.is_mounted(mnt)
+
+
+def test_unknown_backend_fails_the_mount(in_default_path, mnt, tmp_path):
+    log = tmp_path / "server.log"
+    result = sh("mount", "-t", "fuse.dmoverfs", "dmoverfs", str(mnt), "-o", f"backend=nosuch,log_file={log}", check=False)
+    assert result.returncode != 0
+    assert "no back-end named 'nosuch'" in result.stderr
     assert not mounting.is_mounted(mnt)
 
 
