@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 DEFAULT_MOUNT = "/run/dmoverfs"
 
@@ -15,8 +17,16 @@ def blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
 
 
-def test_python_example_runs(mnt):
-    (code,) = blocks("python")
+def test_python_examples_are_there():
+    # "From Python": the client's example, then the same request by hand.
+    client, raw = blocks("python")
+    assert "from dmoverfs import client" in client
+    assert "struct.pack" in raw
+
+
+@pytest.mark.parametrize("index", range(2), ids=["client", "raw"])
+def test_python_example_runs(mnt, index):
+    code = blocks("python")[index]
     result = subprocess.run(
         [sys.executable, "-c", code.replace(DEFAULT_MOUNT, str(mnt))], capture_output=True, text=True, timeout=60
     )
