@@ -138,12 +138,13 @@ class Session:
 
     def set_function(self, raw_name: bytes) -> None:
         """DMIO_SETFUNC: ESRCH for an unknown function, EBUSY once one is set."""
+        # EBUSY first, whatever the name, as NetBSD's dmio_ioctl does.
+        if self.function is not None:
+            raise OSError(errno.EBUSY, "the session already has a function")
         name = function_name(raw_name)
         func = self._functions.get(name)
         if func is None:
             raise OSError(errno.ESRCH, f"no function {name!r}")
-        if self.function is not None:
-            raise OSError(errno.EBUSY, "the session already has a function")
         if func.external:
             err = self._core.set_external(func.index, func.ninputs, func.has_output)
         else:
