@@ -34,6 +34,7 @@ How the session is built (see the README, "From Python", for the reasons):
 from __future__ import annotations
 
 import errno
+import operator
 import os
 import select
 import sys
@@ -184,7 +185,8 @@ def _segments(spec: BufferSpec, writable: bool, what: str) -> list[Any]:
 def _immediate(value: bytes | int) -> bytes:
     if value == b"" or value == 0:
         return _ZERO8
-    if isinstance(value, int):
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        value = operator.index(value)  # int, bool, numpy integers
         if not 0 <= value < _UINT64:
             raise ValueError(f"immediate {value} is not an unsigned 64-bit integer")
         return value.to_bytes(8, "little")
@@ -216,25 +218,33 @@ def _addr(cdata: Any) -> int:
 
 def _build(requests: Sequence[Request], ids: list[int]) -> _Built:
     """Pack *requests*; every check that can fail is done before anything is sent."""
-    parsed = []
+    parsed: list[tuple[list[Any] | None, list[list[Any]], bytes]] = []
     meta_size = 0
-    for index, req in enumerate(requests):
-        what = f"request #{index}"
-        inputs = req.inputs
-        if isinstance(inputs, (list, tuple)):
-            pass
-        else:
-            try:
-                memoryview(inputs)  # type: ignore[arg-type]
-            except TypeError:
-                inputs = list(inputs)
-            else:
-                raise TypeError(f"{what}: inputs must be a sequence of buffers; put a single input in a list")
-        out = None if req.out is None else _segments(req.out, True, f"{what} out")
-        ins = [_segments(spec, False, f"{what} inputs[{i}]") for i, spec in enumerate(inputs)]
-        imm = _immediate(req.immediate)
-        parsed.append((out, ins, imm))
-        meta_size += BUFFER.size * len(ins) + IOVEC.size * ((len(out) if out else 0) + sum(len(s) for s in ins))
+    try:
+        for index, req in enumerate(requests):
+            what = f"request #{index}"
+            inputs = req.inputs
+            if not isinstance(inputs, (list, tuple)):
+                try:
+                    memoryview(inputs)  # type: ignore[arg-type]
+                except TypeError:
+                    inputs = list(inputs)
+                else:
+                    raise TypeError(f"{what}: inputs must be a sequence of buffers; put a single input in a list")
+            imm = _immediate(req.immediate)
+            out = None if req.out is None else _segments(req.out, True, f"{what} out")
+            parsed.append((out, [], imm))
+            ins = parsed[-1][1]
+            for i, spec in enumerate(inputs):
+                ins.append(_segments(spec, False, f"{what} inputs[{i}]"))
+            meta_size += BUFFER.size * len(ins) + IOVEC.size * ((len(out) if out else 0) + sum(len(s) for s in ins))
+    except BaseException:
+        # Give the exports taken so far back at once (a bytearray may be resized again).
+        for out, ins, _ in parsed:
+            _release(out or [])
+            for segs in ins:
+                _release(segs)
+        raise
     # One block for every request's dmio_buffer tables and iovec arrays.
     meta = _ffi.new("char[]", max(meta_size, 1))
     base = _addr(meta)

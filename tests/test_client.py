@@ -347,8 +347,9 @@ def test_submit_many_takes_dicts_and_returns_ids_in_order(mnt):
 
 def test_crc_batch_with_seeds_and_values(mnt):
     chunks = [rand(1000 + i, 20 + i).tobytes() for i in range(64)]
+    seeds = [i if i % 3 else np.uint32(i) if i % 2 else i.to_bytes(4, "little") for i in range(64)]
     with Session(mnt, "iscsi-crc32c") as s:
-        ids = s.submit_many(Request(inputs=[chunk], immediate=i) for i, chunk in enumerate(chunks))
+        ids = s.submit_many(Request(inputs=[chunk], immediate=seed) for seed, chunk in zip(seeds, chunks))
         by_id = {r.id: r for r in s.results(64)}
     for i, (rid, chunk) in enumerate(zip(ids, chunks)):
         result = by_id[rid].check()
@@ -637,10 +638,13 @@ def test_a_bytearray_cannot_be_resized_nor_an_mmap_closed_while_in_use(mnt):
         s.results()
         buf.extend(b"more")  # released once the result is read
         mapped.close()
-        # Refused requests release their buffers at once.
+        # Refused requests release their buffers at once: by the server, or by the client's checks.
         with pytest.raises(SubmitError):
             s.submit(buf, [bytes(4)])
         buf.extend(b"again")
+        with pytest.raises(TypeError):
+            s.submit_many([Request(buf, [bytes(len(buf))]), Request(b"read-only", [bytes(9)])])
+        buf.extend(b"and again")
 
 
 def test_close_waits_for_outstanding_requests(mnt):
@@ -793,8 +797,9 @@ def test_aresults_refuses_to_wait_forever(mnt):
     trio.run(main)
 
 
-def test_a_batch_larger_than_a_fuse_write_is_sent_in_pieces(server_factory, monkeypatch):
-    # 30000 requests are 1.2 MB: the kernel splits the write at 1 MiB and the client continues it.
+def test_a_batch_larger_than_a_fuse_write(server_factory, monkeypatch):
+    # 30000 requests are 1.2 MB: the kernel hands them to the server in pieces of at most 1 MiB,
+    # and a piece that ends inside a request comes back short; the client continues from there.
     mnt = server_factory("--queue-depth", "30000").mountpoint
     bufs = [bytearray(1) for _ in range(30000)]
     writes: list[int] = []
@@ -809,8 +814,28 @@ def test_a_batch_larger_than_a_fuse_write_is_sent_in_pieces(server_factory, monk
         monkeypatch.setattr(os, "write", write)
         ids = s.submit_many(Request(buf, immediate=i % 256) for i, buf in enumerate(bufs))
         monkeypatch.undo()
-        assert len(writes) > 1 and sum(writes) == 30000 * 40
+        assert sum(writes) == 30000 * 40 and all(w % 40 == 0 for w in writes)
         assert ids == list(range(1, 30001))
         results = s.results(None)
         assert sorted(r.check().id for r in results) == ids
     assert all(buf[0] == i % 256 for i, buf in enumerate(bufs))
+
+
+def test_short_writes_are_continued(mnt, monkeypatch):
+    # Whatever cuts a write short (FUSE's transfer size, a signal), the client writes the rest.
+    real_write = os.write
+    writes: list[int] = []
+
+    def short_write(fd, data):
+        written = real_write(fd, bytes(data[: 7 * 40]))
+        writes.append(written)
+        return written
+
+    bufs = [bytearray(16) for _ in range(64)]
+    with Session(mnt, "fill8") as s:
+        monkeypatch.setattr(os, "write", short_write)
+        ids = s.submit_many(Request(buf, immediate=0x33) for buf in bufs)
+        monkeypatch.undo()
+        assert len(ids) == 64 and writes == [7 * 40] * 9 + [40]
+        assert sorted(r.check().id for r in s.results(64)) == sorted(ids)
+    assert bufs == [b"\x33" * 16] * 64
