@@ -27,7 +27,7 @@ from dmoverfs import bench, mounting
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TARGETED = {"1": 0.8, "2": 0.6, "3": 0.8, "4": 0.8, "5": 0.6, "7": 1.5}
 EXPECTED_KEYS = set(
-    "1 1p 2 2p 3 4 5 5b 6-xor2 6-xor8 6-xor16 6-fill8 7 9-idle 9-idle-after 9-sessions 9-sessions-closed".split()
+    "1 1p 2 2p 3 4 5 5b 6-xor2 6-xor8 6-xor16 6-fill8 7 7k 9-idle 9-idle-after 9-sessions 9-sessions-closed".split()
 ) | {"8-ctypes.memset", "8-ctypes.memmove", "8-numpy xor2", "8-numpy xor16", "8-google-crc32c"}
 
 
@@ -85,7 +85,7 @@ def test_quick_run_writes_table_json_and_png(tmp_path):
         value = fig["value"]
         assert value["runs"] and all(math.isfinite(v) and v > 0 for v in value["runs"]), key
         assert value["median"] > 0, key
-        if key in ("1p", "2p"):
+        if key in ("1p", "2p", "7k"):
             assert fig["ratio"] == pytest.approx(value["median"] / fig["reference"]["median"])
         if key in TARGETED:
             assert fig["target"] == TARGETED[key]

@@ -14,10 +14,11 @@
  *	one FUNC request of SIZE bytes per write()/read(); with CLIENTS > 1 that
  *	many processes (one session each) run at once and "bytes" is the sum of
  *	their rates times the duration of the first ("ns")
- *   client bounce SIZE SECONDS CHUNK
+ *   client bounce SIZE SECONDS CHUNK [CLIENTS]
  *	the kernel's cross-process copy: a second process copies SIZE bytes of
  *	this one's memory to another SIZE bytes of it through a CHUNK-byte
- *	bounce buffer, process_vm_readv then process_vm_writev, one thread
+ *	bounce buffer, process_vm_readv then process_vm_writev, one thread;
+ *	with CLIENTS > 1 that many such pairs at once (summed as in big)
  *   client pvmread SIZE SECONDS CHUNK
  *	a second process reads SIZE bytes of this one with process_vm_readv,
  *	CHUNK bytes a call into a CHUNK-byte buffer (CHUNK == SIZE: one call)
@@ -38,6 +39,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -136,6 +138,118 @@ print_result(const struct result *r)
 	printf("{\"ops\": %" PRIu64 ", \"bytes\": %" PRIu64 ", \"ns\": %" PRIu64 "}\n",
 	    r->ops, r->bytes, r->ns);
 	fflush(stdout);
+}
+
+/* --- running several clients at once --------------------------------------------- */
+
+/* Where a timed part waits until every client is set up (-1: alone). */
+struct barrier {
+	int ready_fd, go_fd;
+};
+
+static const struct barrier alone = { -1, -1 };
+
+static void
+barrier_wait(const struct barrier *b)
+{
+	char c = 'r';
+
+	if (b->ready_fd < 0)
+		return;
+	if (write(b->ready_fd, &c, 1) != 1 || read(b->go_fd, &c, 1) != 1)
+		die("%s", "barrier", errno);
+}
+
+typedef struct result one_fn(const void *arg, const struct barrier *b);
+
+/* Wait for n bytes on fd, failing if a child exits badly first. */
+static void
+collect_bytes(int fd, void *buf, size_t n, const char *what)
+{
+	char *p = buf;
+
+	while (n > 0) {
+		struct pollfd pfd = { .fd = fd, .events = POLLIN };
+		int st;
+		pid_t dead;
+
+		if (poll(&pfd, 1, 100) > 0) {
+			ssize_t got = read(fd, p, n);
+
+			if (got <= 0)
+				die("%s: a client failed", what, 0);
+			p += got;
+			n -= (size_t)got;
+			continue;
+		}
+		dead = waitpid(-1, &st, WNOHANG);
+		if (dead > 0 && (!WIFEXITED(st) || WEXITSTATUS(st) != 0))
+			die("%s: a client failed", what, 0);
+	}
+}
+
+/*
+ * Run fn in n processes at once (in this one when n == 1): all are set up
+ * before any starts its timed part.  "bytes" of the result is the sum of the
+ * clients' rates times the longest client's duration ("ns").
+ */
+static struct result
+run_parallel(one_fn *fn, const void *arg, unsigned n, const char *what)
+{
+	int ready[2], go[2], res[2];
+	struct result total = { 0, 0, 0 };
+	struct result *rs;
+	double rate = 0;
+	char c = 'g';
+
+	if (n < 1 || n > 64)
+		die("%s: clients out of range", what, 0);
+	if (n == 1)
+		return fn(arg, &alone);
+	if (pipe(ready) || pipe(go) || pipe(res))
+		die("%s", "pipe", errno);
+	for (unsigned i = 0; i < n; i++) {
+		pid_t pid = fork();
+
+		if (pid == -1)
+			die("%s", "fork", errno);
+		if (pid == 0) {
+			struct barrier b = { ready[1], go[0] };
+			struct result r;
+
+			close(ready[0]);
+			close(go[1]);
+			close(res[0]);
+			r = fn(arg, &b);
+			_exit(write(res[1], &r, sizeof(r)) == (ssize_t)sizeof(r) ? 0 : 1);
+		}
+	}
+	close(ready[1]);
+	close(go[0]);
+	close(res[1]);
+	rs = calloc(n, sizeof(*rs));
+	if (rs == NULL)
+		die("%s", "calloc", errno);
+	collect_bytes(ready[0], rs, n, what);	/* n ready bytes (into scratch) */
+	for (unsigned i = 0; i < n; i++)
+		if (write(go[1], &c, 1) != 1)
+			die("%s", "barrier", errno);
+	collect_bytes(res[0], rs, n * sizeof(*rs), what);
+	for (unsigned i = 0; i < n; i++) {
+		rate += (double)rs[i].bytes / (double)rs[i].ns;
+		total.ops += rs[i].ops;
+		if (rs[i].ns > total.ns)
+			total.ns = rs[i].ns;
+	}
+	for (unsigned i = 0; i < n; i++) {
+		int st;
+
+		if (wait(&st) == -1 || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
+			die("%s: a client failed", what, 0);
+	}
+	free(rs);
+	total.bytes = (uint64_t)(rate * (double)total.ns);
+	return total;
 }
 
 /* --- sessions --------------------------------------------------------------- */
@@ -347,9 +461,19 @@ check_big(const struct func *f, const char *name, unsigned char *out,
 }
 
 /* One client of mode big: set up, signal ready, wait for go, run, report. */
+struct big_args {
+	const char *path, *name;
+	size_t size;
+	uint64_t dur;
+};
+
 static struct result
-big_one(const char *path, const char *name, size_t size, uint64_t dur, int ready_fd, int go_fd)
+big_one(const void *arg, const struct barrier *b)
 {
+	const struct big_args *a = arg;
+	const char *path = a->path, *name = a->name;
+	size_t size = a->size;
+	uint64_t dur = a->dur;
 	struct func f = func_of(name);
 	struct iovec out_iov, in_iov[MAX_INPUTS];
 	dmio_buffer inbuf[MAX_INPUTS];
@@ -359,7 +483,6 @@ big_one(const char *path, const char *name, size_t size, uint64_t dur, int ready
 	struct result r = { 0, 0, 0 };
 	uint64_t t0, t;
 	int fd = open_session(path, name);
-	char c = 'r';
 
 	memset(&req, 0, sizeof(req));
 	if (f.output) {
@@ -385,10 +508,7 @@ big_one(const char *path, const char *name, size_t size, uint64_t dur, int ready
 	check_responses(&resp, 1);
 	check_big(&f, name, out, in, size, &resp);
 
-	if (ready_fd >= 0) {
-		if (write(ready_fd, &c, 1) != 1 || read(go_fd, &c, 1) != 1)
-			die("%s: barrier", name, errno);
-	}
+	barrier_wait(b);
 	t0 = t = now_ns();
 	do {
 		write_all(fd, &req, sizeof(req));
@@ -406,60 +526,10 @@ big_one(const char *path, const char *name, size_t size, uint64_t dur, int ready
 static int
 mode_big(const char *path, const char *name, size_t size, uint64_t dur, unsigned clients)
 {
-	int ready[2], go[2], res[2];
-	struct result total = { 0, 0, 0 };
-	double rate = 0;
-	char c = 'g';
+	struct big_args a = { path, name, size, dur };
+	struct result r = run_parallel(big_one, &a, clients, name);
 
-	if (clients < 1 || clients > 64)
-		die("clients %s out of range", "", 0);
-	if (clients == 1) {
-		total = big_one(path, name, size, dur, -1, -1);
-		print_result(&total);
-		return 0;
-	}
-	if (pipe(ready) || pipe(go) || pipe(res))
-		die("%s", "pipe", errno);
-	for (unsigned i = 0; i < clients; i++) {
-		pid_t pid = fork();
-
-		if (pid == -1)
-			die("%s", "fork", errno);
-		if (pid == 0) {
-			struct result r = big_one(path, name, size, dur, ready[1], go[0]);
-
-			if (write(res[1], &r, sizeof(r)) != (ssize_t)sizeof(r))
-				_exit(1);
-			_exit(0);
-		}
-	}
-	close(ready[1]);
-	close(res[1]);
-	for (unsigned i = 0; i < clients; i++)
-		if (read(ready[0], &c, 1) != 1)
-			die("%s: a client failed to start", name, 0);
-	for (unsigned i = 0; i < clients; i++)
-		if (write(go[1], &c, 1) != 1)
-			die("%s", "barrier", errno);
-	for (unsigned i = 0; i < clients; i++) {
-		struct result r;
-
-		if (read(res[0], &r, sizeof(r)) != (ssize_t)sizeof(r))
-			die("%s: a client failed", name, 0);
-		rate += (double)r.bytes / (double)r.ns;
-		total.ops += r.ops;
-		if (r.ns > total.ns)
-			total.ns = r.ns;
-	}
-	for (unsigned i = 0; i < clients; i++) {
-		int st;
-
-		if (wait(&st) == -1 || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
-			die("%s: a client failed", name, 0);
-	}
-	/* Summed rate, expressed over the longest client's duration. */
-	total.bytes = (uint64_t)(rate * (double)total.ns);
-	print_result(&total);
+	print_result(&r);
 	return 0;
 }
 
@@ -471,6 +541,7 @@ struct peer_job {
 	size_t size, chunk;
 	uint64_t dur;
 	bool copy;		/* else read only */
+	struct barrier barrier;	/* the peer waits here after its warm-up pass */
 };
 
 static struct result
@@ -498,6 +569,7 @@ peer_run(const struct peer_job *j)
 		}
 		if (warm) {
 			warm = false;
+			barrier_wait(&j->barrier);
 			t0 = t = now_ns();
 			continue;
 		}
@@ -511,17 +583,24 @@ peer_run(const struct peer_job *j)
 	return r;
 }
 
-static int
-mode_peer(size_t size, uint64_t dur, size_t chunk, bool copy)
+struct peer_args {
+	size_t size, chunk;
+	uint64_t dur;
+	bool copy;
+};
+
+/* One pair: this process holds the memory, a forked peer moves it. */
+static struct result
+peer_pair(const void *arg, const struct barrier *b)
 {
+	const struct peer_args *a = arg;
+	const char *what = a->copy ? "bounce" : "pvmread";
 	int to_peer[2], from_peer[2];
 	struct peer_job job;
 	struct result r;
 	pid_t pid;
 	int st;
 
-	if (chunk == 0 || chunk > size)
-		chunk = size;
 	if (pipe(to_peer) || pipe(from_peer))
 		die("%s", "pipe", errno);
 	/* Fork before allocating: no copy-on-write pages shared with the peer. */
@@ -537,21 +616,31 @@ mode_peer(size_t size, uint64_t dur, size_t chunk, bool copy)
 	close(to_peer[0]);
 	close(from_peer[1]);
 	job.target = getpid();
-	job.size = size;
-	job.chunk = chunk;
-	job.dur = dur;
-	job.copy = copy;
-	job.src = alloc_touched(size, 0);
-	fill_pattern(job.src, size, 42);
-	job.dst = copy ? alloc_touched(size, 0xee) : NULL;
+	job.size = a->size;
+	job.chunk = a->chunk;
+	job.dur = a->dur;
+	job.copy = a->copy;
+	job.barrier = *b;
+	job.src = alloc_touched(a->size, 0);
+	fill_pattern(job.src, a->size, 42);
+	job.dst = a->copy ? alloc_touched(a->size, 0xee) : NULL;
 	if (write(to_peer[1], &job, sizeof(job)) != (ssize_t)sizeof(job))
 		die("%s", "pipe", errno);
 	if (read(from_peer[0], &r, sizeof(r)) != (ssize_t)sizeof(r))
-		die("%s: the peer failed", copy ? "bounce" : "pvmread", 0);
+		die("%s: the peer failed", what, 0);
 	if (waitpid(pid, &st, 0) == -1 || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
-		die("%s: the peer failed", copy ? "bounce" : "pvmread", 0);
-	if (copy && memcmp(job.src, job.dst, size) != 0)
-		die("%s: the copy differs", "bounce", 0);
+		die("%s: the peer failed", what, 0);
+	if (a->copy && memcmp(job.src, job.dst, a->size) != 0)
+		die("%s: the copy differs", what, 0);
+	return r;
+}
+
+static int
+mode_peer(size_t size, uint64_t dur, size_t chunk, bool copy, unsigned clients)
+{
+	struct peer_args a = { size, chunk == 0 || chunk > size ? size : chunk, dur, copy };
+	struct result r = run_parallel(peer_pair, &a, clients, copy ? "bounce" : "pvmread");
+
 	print_result(&r);
 	return 0;
 }
@@ -629,7 +718,7 @@ usage(void)
 	fprintf(stderr,
 	    "usage: client small PATH BATCH SECONDS\n"
 	    "       client big PATH FUNC SIZE SECONDS CLIENTS\n"
-	    "       client bounce SIZE SECONDS CHUNK\n"
+	    "       client bounce SIZE SECONDS CHUNK [CLIENTS]\n"
 	    "       client pvmread SIZE SECONDS CHUNK\n"
 	    "       client sessions PATH N\n"
 	    "       client inflight PATH N SIZE\n");
@@ -646,10 +735,11 @@ main(int argc, char **argv)
 	if (strcmp(argv[1], "big") == 0 && argc == 7)
 		return mode_big(argv[2], argv[3], parse_size(argv[4]), parse_seconds_ns(argv[5]),
 		    (unsigned)parse_size(argv[6]));
-	if (strcmp(argv[1], "bounce") == 0 && argc == 5)
-		return mode_peer(parse_size(argv[2]), parse_seconds_ns(argv[3]), parse_size(argv[4]), true);
+	if (strcmp(argv[1], "bounce") == 0 && (argc == 5 || argc == 6))
+		return mode_peer(parse_size(argv[2]), parse_seconds_ns(argv[3]), parse_size(argv[4]), true,
+		    argc == 6 ? (unsigned)parse_size(argv[5]) : 1);
 	if (strcmp(argv[1], "pvmread") == 0 && argc == 5)
-		return mode_peer(parse_size(argv[2]), parse_seconds_ns(argv[3]), parse_size(argv[4]), false);
+		return mode_peer(parse_size(argv[2]), parse_seconds_ns(argv[3]), parse_size(argv[4]), false, 1);
 	if (strcmp(argv[1], "sessions") == 0 && argc == 4)
 		return mode_sessions(argv[2], parse_size(argv[3]));
 	if (strcmp(argv[1], "inflight") == 0 && argc == 5)
