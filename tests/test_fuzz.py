@@ -41,9 +41,7 @@ def fuzzer(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail("clang is missing: scripts/setup installs it (clang, libclang-rt-dev)")
     tmp = tmp_path_factory.mktemp("fuzz-build")
     out = tmp / "fuzz_decode"
-    proc = subprocess.run(
-        [str(FUZZ / "build.sh"), str(out)], capture_output=True, text=True, env=fuzz_env(tmp), timeout=600
-    )
+    proc = subprocess.run([str(FUZZ / "build.sh"), str(out)], capture_output=True, text=True, env=fuzz_env(tmp), timeout=600)
     assert proc.returncode == 0, f"building the fuzzer failed:\n{proc.stdout}{proc.stderr}"
     return out
 

@@ -26,8 +26,8 @@
  * client that is gone (its pidfd says so).
  *
  * Input:
- *   byte 0   function: 0..18 table index; 19 an invalid index (ESRCH);
- *            20 none set (ENXIO on submit)                         (mod 21)
+ *   byte 0   function: 0..21 table index; 22 an invalid index (ESRCH);
+ *            23 none set (ENXIO on submit)                         (mod 24)
  *   byte 1   bits 0-1 core: 0, 3 inline (default kernels, no caps);
  *                1 inline, portable kernels, caps on requests and
  *                metadata; 2 one worker, nothing inline but no-op
@@ -39,7 +39,7 @@
  *   byte 3   number of requests                                    (mod 128)
  *   byte 4   requests per dm_sess_submit call, 0 = all             (mod 64)
  *   byte 5   responses taken after each call                       (mod 64)
- *   byte 6   the invalid index of function 19 (the table size, -1, INT_MAX, INT_MIN)
+ *   byte 6   the invalid index of function 22 (the table size, -1, INT_MAX, INT_MIN)
  *   byte 7   the second setfunc's function
  *   then     the requests, 40 bytes each (struct dmio_usrreq)
  *   then     the arena image (rest zero)
@@ -107,7 +107,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 #define WIN_SIZE	(RO + PAGE - WIN)
 #define TASK_TOP	((uint64_t)0x7ffffffff000)	/* x86-64 user space, 4-level paging */
 
-#define NFUNC		19		/* NetBSD's functions, the ones modelled here */
+#define NFUNC		22		/* NetBSD's 19 functions and the 3 extensions */
 #define NIOV		1024				/* IOV_MAX */
 #define MAX_REQS	128
 #define HEADER		8
@@ -122,6 +122,20 @@ static pid_t child_pid, dead_pid;
 static int child_pidfd = -1, dead_pidfd = -1;
 static uint8_t *arena;				/* the fuzzer's view of RW..RO+PAGE */
 static uint8_t stub_image[PAGE];
+
+/* Its own function table: inputs and whether an output is required. */
+static const struct {
+	int nin;
+	bool out;
+} FN[NFUNC] = {
+	{ 0, true }, { 0, true }, { 1, true },
+	{ 2, true }, { 3, true }, { 4, true }, { 5, true }, { 6, true }, { 7, true },
+	{ 8, true }, { 9, true }, { 10, true }, { 11, true }, { 12, true }, { 13, true },
+	{ 14, true }, { 15, true }, { 16, true },
+	{ 1, false },
+	{ 0, true }, { 2, false }, { 1, true },		/* fill64, compare, copy-crc32c */
+};
+enum { F_ZERO = 0, F_FILL8 = 1, F_COPY = 2, F_CRC = 18, F_FILL64 = 19, F_COMPARE = 20, F_COPY_CRC = 21 };
 
 /* --- the cores ---------------------------------------------------------- */
 
@@ -337,6 +351,12 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
 {
 	(void)argc;
 	(void)argv;
+	/* The model's function table must be the core's. */
+	if (dm_func_count() != NFUNC)
+		fail("the core has %d functions, the model %d: update fuzz_decode.c", dm_func_count(), NFUNC);
+	for (int i = 0; i < NFUNC; i++)
+		if (dm_func_ninputs(i) != FN[i].nin || dm_func_has_output(i) != FN[i].out)
+			fail("function %d (%s) is not the model's: update fuzz_decode.c", i, dm_func_name(i));
 	start_clients();
 	for (int i = 0; i < 3; i++) {
 		int err = 0;
@@ -358,18 +378,6 @@ LLVMFuzzerInitialize(int *argc, char ***argv)
 
 /* --- the model ------------------------------------------------------------ */
 
-/* Its own function table: inputs and whether an output is required. */
-static const struct {
-	int nin;
-	bool out;
-} FN[NFUNC] = {
-	{ 0, true }, { 0, true }, { 1, true },
-	{ 2, true }, { 3, true }, { 4, true }, { 5, true }, { 6, true }, { 7, true },
-	{ 8, true }, { 9, true }, { 10, true }, { 11, true }, { 12, true }, { 13, true },
-	{ 14, true }, { 15, true }, { 16, true },
-	{ 1, false },
-};
-enum { F_ZERO = 0, F_FILL8 = 1, F_COPY = 2, F_CRC = 18 };
 
 struct seg {
 	uint64_t base, len;
@@ -633,25 +641,41 @@ m_exec(struct model *m, int func, const struct mreq *r, bool queued, struct expe
 
 	{
 		struct cursor in[16], out = { r->list[0], 0, 0 };
+		uint64_t diff = UINT64_MAX;	/* compare: all ones when equal */
 
 		for (int i = 0; i < nin; i++)
 			in[i] = (struct cursor){ r->list[1 + i], 0, 0 };
 		raw = ~(uint32_t)get32(r->imm);
 		m->bytes += r->total * (uint64_t)(nin + 1);
 		for (uint64_t p = 0; p < r->total; p++) {
-			uint8_t v = func == F_FILL8 ? r->imm[0] : 0;
+			uint8_t b[16], v;
 			bool k = true;
 
 			for (int i = 0; i < nin; i++) {
 				size_t o = (size_t)(cur_next(&in[i]) - WIN);
 
-				v ^= m->mem[o];
+				b[i] = m->mem[o];
 				k = k && m->known[o];
 			}
-			if (func == F_CRC) {
+			if (func == F_COMPARE) {
+				if (!k) {	/* the first difference may lie here */
+					known_all = false;
+					break;
+				}
+				if (b[0] != b[1]) {
+					diff = p;
+					break;
+				}
+				continue;
+			}
+			v = func == F_FILL8 ? r->imm[0] : func == F_FILL64 ? r->imm[p % 8] : 0;
+			for (int i = 0; i < nin; i++)
+				v ^= b[i];
+			if (func == F_CRC || func == F_COPY_CRC) {
 				raw = crc32c_byte(raw, v);
 				known_all = known_all && k;
-			} else {
+			}
+			if (FN[func].out) {
 				size_t o = (size_t)(cur_next(&out) - WIN);
 
 				m->mem[o] = v;
@@ -660,8 +684,12 @@ m_exec(struct model *m, int func, const struct mreq *r, bool queued, struct expe
 					m->pend[o] = 1;
 			}
 		}
+		if (func == F_COMPARE) {
+			memcpy(x->imm, &diff, 8);
+			x->imm_known = known_all;
+		}
 	}
-	if (func == F_CRC) {
+	if (func == F_CRC || func == F_COPY_CRC) {
 		uint32_t crc = ~raw;
 
 		memset(x->imm, 0, 8);
@@ -1007,7 +1035,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	cur_size = size;
 	check_child_alive();
 
-	f = data[0] % 21;
+	f = data[0] % (NFUNC + 2);
 	in.func = f < NFUNC ? (int)f : f == NFUNC ? -1 : -2;
 	in.cc = &cores_cfg[(data[1] & 3) == 3 ? 0 : data[1] & 3];
 	in.core = cores[in.cc - cores_cfg];
@@ -1020,7 +1048,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		in.nreq = (size - HEADER) / WIRE;
 	in.piece = data[4] % 64;
 	in.take = data[5] % 64;
-	in.bad_index = (const int[]){ dm_func_count(), -1, INT_MAX, INT_MIN }[data[6] & 3];
+	in.bad_index = (const int[]){ NFUNC, -1, INT_MAX, INT_MIN }[data[6] & 3];
 	in.second = data[7] % NFUNC;
 	in.wire = data + HEADER;
 	in.image = in.wire + in.nreq * WIRE;

@@ -22,8 +22,8 @@ RO = RW + 0x4000
 UNMAPPED = 0x1000
 NONCANONICAL = 0xDEAD000000000000
 
-FUNCS = ["zero", "fill8", "copy", *(f"xor{n}" for n in range(2, 17)), "iscsi-crc32c"]
-NO_FUNC, BAD_FUNC = 20, 19
+FUNCS = ["zero", "fill8", "copy", *(f"xor{n}" for n in range(2, 17)), "iscsi-crc32c", "fill64", "compare", "copy-crc32c"]
+BAD_FUNC, NO_FUNC = len(FUNCS), len(FUNCS) + 1
 
 CORE_INLINE, CORE_CAPPED, CORE_WORKER = 0, 1, 2
 DEAD, TWICE, CLOSE_EARLY = 4, 8, 16
@@ -87,7 +87,10 @@ def seeds() -> dict[str, bytes]:
         a = Arena()
         dst = a.buf(80)
         out[f"fill8{tag}"] = seed(
-            1, [req(a.iovecs(cut(dst, 40, 2)), 2, b"\xab", req_id=7), req(a.iovecs([(dst + 40, 40)]), 1, b"\x11", req_id=8)], a, core
+            1,
+            [req(a.iovecs(cut(dst, 40, 2)), 2, b"\xab", req_id=7), req(a.iovecs([(dst + 40, 40)]), 1, b"\x11", req_id=8)],
+            a,
+            core,
         )
 
         a = Arena()
@@ -99,13 +102,46 @@ def seeds() -> dict[str, bytes]:
             srcs = [a.buf(24, 17 * i) for i in range(n)]
             dst = a.buf(24)
             out[f"xor{n}{tag}"] = seed(
-                FUNCS.index(f"xor{n}"), [req(a.iovecs(cut(dst, 24, 2)), 2, inbuf=a.inputs([cut(s, 24, 1 + i % 3) for i, s in enumerate(srcs)]), req_id=n)], a, core
+                FUNCS.index(f"xor{n}"),
+                [
+                    req(
+                        a.iovecs(cut(dst, 24, 2)),
+                        2,
+                        inbuf=a.inputs([cut(s, 24, 1 + i % 3) for i, s in enumerate(srcs)]),
+                        req_id=n,
+                    )
+                ],
+                a,
+                core,
             )
 
         a = Arena()
         data = a.put(b"123456789")
         first = req(inbuf=a.inputs([cut(data, 9, 2)]), req_id=1)
-        out[f"crc{tag}"] = seed(18, [first, req(inbuf=a.inputs([[(data, 4)]]), imm=struct.pack("<I", 0xE3069283), req_id=2)], a, core)
+        out[f"crc{tag}"] = seed(
+            18, [first, req(inbuf=a.inputs([[(data, 4)]]), imm=struct.pack("<I", 0xE3069283), req_id=2)], a, core
+        )
+
+        a = Arena()
+        dst = a.buf(77)
+        out[f"fill64{tag}"] = seed(FUNCS.index("fill64"), [req(a.iovecs(cut(dst, 77, 3)), 3, b"ABCDEFGH", req_id=64)], a, core)
+
+        a = Arena()
+        x, y = a.buf(50, 9), a.buf(50, 9)
+        a.data[y - RW + 37] ^= 0x40  # first difference at 37
+        reqs = [
+            req(inbuf=a.inputs([cut(x, 50, 2), cut(y, 50, 3)]), req_id=1),
+            req(inbuf=a.inputs([cut(x, 30, 1), cut(y, 30, 2)]), req_id=2),  # equal
+            req(inbuf=a.inputs([[(x, 0)], [(y, 0)]]), req_id=3),  # empty: equal
+        ]
+        out[f"compare{tag}"] = seed(FUNCS.index("compare"), reqs, a, core)
+
+        a = Arena()
+        src, dst = a.buf(9), a.buf(9)
+        a.data[src - RW : src - RW + 9] = b"123456789"
+        out[f"copy-crc32c{tag}"] = seed(
+            FUNCS.index("copy-crc32c"), [req(a.iovecs(cut(dst, 9, 2)), 2, inbuf=a.inputs([cut(src, 9, 3)]), req_id=5)], a, core
+        )
 
     # Validation errors, each after a good request (a short write), then more.
     a = Arena()
@@ -137,6 +173,10 @@ def seeds() -> dict[str, bytes]:
     out["copy-dead-client"] = seed(2, [good, tail], a, DEAD)
     out["zero-dead-client"] = seed(0, [req(req_id=3), req(a.iovecs([(dst, 8)]), 1)], a, DEAD)
     out["crc-with-output"] = seed(18, [req(a.iovecs([(dst, 32)]), 1, inbuf=a.inputs([[(src, 32)]]))], a)
+    out["compare-unequal-lengths"] = seed(FUNCS.index("compare"), [req(inbuf=a.inputs([[(src, 32)], [(dst, 31)]]))], a)
+    out["compare-with-output"] = seed(
+        FUNCS.index("compare"), [req(a.iovecs([(dst, 16)]), 1, inbuf=a.inputs([[(src, 16)], [(src + 16, 16)]]))], a
+    )
     out["zero-empty"] = seed(0, [req(a.iovecs([(UNMAPPED, 0)]), 1, req_id=5), req(req_id=6)], a)
 
     # Queue depth, pieces, takes, caps, closing with responses pending.
