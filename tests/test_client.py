@@ -20,6 +20,7 @@ import os
 import select
 import selectors
 import threading
+import time
 import weakref
 
 import google_crc32c
@@ -49,6 +50,9 @@ def no_session_left(mnt):
     abandoned = len(client._ABANDONED)
     yield
     gc.collect()
+    deadline = time.monotonic() + WAIT_S  # a FUSE release may reach the server after close() returns
+    while sessions_open(mnt) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert sessions_open(mnt) == 0
     assert len(client._ABANDONED) == abandoned
 
