@@ -51,6 +51,19 @@ def temp_root() -> Path:
     return _TEMP_ROOT
 
 
+#: What a process needs to load the C core built by ``scripts/test --sanitize``:
+#: Python processes then re-execute themselves with the ASan runtime preloaded
+#: (scripts/sanitize/sitecustomize.py).  Servers started with this process's
+#: environment inherit them; a test that starts one with a clean environment
+#: adds :func:`sanitizer_env`.
+SANITIZER_VARS = ("DMOVERFS_SANITIZE", "DMOVERFS_SANITIZER_PRELOAD", "PYTHONPATH", "ASAN_OPTIONS", "UBSAN_OPTIONS")
+
+
+def sanitizer_env() -> dict[str, str]:
+    """The sanitizer variables of this run (empty unless scripts/test --sanitize)."""
+    return {k: os.environ[k] for k in SANITIZER_VARS if k in os.environ}
+
+
 def require_fuse() -> None:
     """Fail (never skip) when this machine cannot mount FUSE."""
     if not os.path.exists("/dev/fuse"):

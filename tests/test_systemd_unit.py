@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import require_fuse
+from conftest import require_fuse, sanitizer_env
 from default_path import LINK, dmoverfs_in_default_path
 from dmio import open_session, request, run, whole
 from dmoverfs import cli, mounting
@@ -137,6 +137,7 @@ def test_unit_commands_as_systemd_runs_them(tmp_path):
         sock.bind(str(sock_path))
         sock.settimeout(60)
         env = {"PATH": SYSTEMD_PATH, "LANG": "C.UTF-8", "NOTIFY_SOCKET": str(sock_path)}  # as systemd sets for root
+        env.update(sanitizer_env())  # scripts/test --sanitize
         main = subprocess.Popen(argv(service["ExecStart"]), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/")
         try:
             fields = dict(line.split("=", 1) for line in sock.recv(4096).decode().splitlines())

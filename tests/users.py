@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from conftest import sanitizer_env
 from dmoverfs import mounting
 
 FUSERMOUNT = "/usr/bin/fusermount3"
@@ -388,6 +389,7 @@ class TempUser:
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "LANG": "C.UTF-8",
             "PYTHONDONTWRITEBYTECODE": "1",
+            **sanitizer_env(),  # scripts/test --sanitize: the user's servers load the ASan-built core too
             **extra,
         }
 
