@@ -153,6 +153,22 @@ def server_factory(tmp_path: Path):
         server.check_log()
 
 
+@pytest.fixture
+def background(tmp_path: Path):
+    """A mount point for background mounts (``dmoverfs mount`` without --foreground), cleaned up whatever happens."""
+    require_fuse()
+    mnt = tmp_path / "bg"
+    yield mnt
+    if mounting.is_mounted(mnt):
+        pid = mounting.server_pid(mnt)
+        mounting.lazy_unmount(mnt)
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     """A server shared by the tests of one module (default tunables)."""

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,22 +29,6 @@ def dmoverfs(*args: str, env: dict[str, str] | None = None, check: bool = True) 
     if check and result.returncode != 0:
         pytest.fail(f"dmoverfs {' '.join(args)} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
     return result
-
-
-@pytest.fixture
-def background(tmp_path: Path):
-    """A mount point for background mounts, cleaned up whatever happens."""
-    require_fuse()
-    mnt = tmp_path / "mnt"
-    yield mnt
-    if mounting.is_mounted(mnt):
-        pid = mounting.server_pid(mnt)
-        mounting.lazy_unmount(mnt)
-        if pid:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def server_gone(pid: int, timeout: float = 10.0) -> bool:

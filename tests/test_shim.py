@@ -761,22 +761,6 @@ def test_readme_three_commands_run_as_printed(build, tmp_path):
 # -- mount --dev-link --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def background(tmp_path):
-    """A mount point for background mounts, unmounted whatever happens."""
-    require_fuse()
-    mnt = tmp_path / "bg"
-    yield mnt
-    if mounting.is_mounted(mnt):
-        pid = mounting.server_pid(mnt)
-        mounting.lazy_unmount(mnt)
-        if pid:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def mount_dev_link(mnt: Path, tmp_path: Path, check: bool = True) -> subprocess.CompletedProcess:
     proc = dmoverfs("mount", "--dev-link", str(mnt), "--log-file", str(tmp_path / f"{mnt.name}.log"))
     if check:
