@@ -195,12 +195,13 @@ class Core:
 class CoreSession:
     """The C half of a session: request decoding, response ring, counters."""
 
-    __slots__ = ("_core", "_ptr", "_counts")
+    __slots__ = ("_core", "_ptr", "_counts", "_err")
 
     def __init__(self, core: Core, ptr) -> None:
         self._core = core
         self._ptr = ptr
         self._counts = ffi.new("unsigned[2]")
+        self._err = ffi.new("int *")  # reused: submit is on every write
 
     def setfunc(self, index: int) -> int:
         """0, ESRCH or EBUSY."""
@@ -212,10 +213,9 @@ class CoreSession:
 
     def submit(self, data: bytes, first: int, count: int) -> tuple[int, int]:
         """Start requests ``first .. first+count`` of *data*; (accepted, errno or 0)."""
-        err = ffi.new("int *")
         buf = ffi.from_buffer(data)
-        accepted = lib.dm_sess_submit(self._ptr, buf + first * REQ_SIZE, count, err)
-        return accepted, err[0]
+        accepted = lib.dm_sess_submit(self._ptr, buf + first * REQ_SIZE, count, self._err)
+        return accepted, self._err[0]
 
     def take(self, max_resps: int) -> bytes:
         """Up to *max_resps* ready responses, packed."""
