@@ -455,19 +455,24 @@ class Bench:
 
     # -- clients
 
-    def client(self, *args: object) -> dict:
-        """Run the C client; its JSON answer."""
-        timeout = 120 + 40 * self.s.seconds
+    def _start_client(self, args: tuple, stdin: int) -> subprocess.Popen:
+        """Start the C client, registered for cleanup before a signal can get in between."""
         with INTERRUPTS.critical():
             proc = subprocess.Popen(
                 [str(self.client_bin), *map(str, args)],
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
                 start_new_session=True,
             )
             self._clients.append(proc)
+        return proc
+
+    def client(self, *args: object) -> dict:
+        """Run the C client; its JSON answer."""
+        timeout = 120 + 40 * self.s.seconds
+        proc = self._start_client(args, subprocess.DEVNULL)
         try:
             out, err = proc.communicate(timeout=timeout)
         except BaseException:
@@ -795,16 +800,7 @@ class Bench:
 
     def client_raw_sessions(self, mount: Mount, n: int, hold: Callable[[subprocess.Popen], None]) -> None:
         """Hold *n* sessions open on *mount* while *hold* looks at the server."""
-        with INTERRUPTS.critical():
-            proc = subprocess.Popen(
-                [str(self.client_bin), "sessions", mount.clone, str(n)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                start_new_session=True,
-            )
-            self._clients.append(proc)
+        proc = self._start_client(("sessions", mount.clone, n), subprocess.PIPE)
         try:
             hold(proc)
             _, err = proc.communicate(timeout=120)
