@@ -93,19 +93,7 @@ class Core:
         total = ffi.new("struct dm_core_stats *")
         per = ffi.new("struct dm_func_stats[]", len(self.functions))
         lib.dm_core_stats(self._ptr, total, per, len(self.functions))
-        fields = (
-            "outstanding",
-            "executing",
-            "meta_bytes",
-            "inline_runs",
-            "worker_runs",
-            "refused_limits",
-            "executing_bytes",
-            "run_bytes",
-            "busy_ns",
-            "external",
-        )
-        core = {name: getattr(total, name) for name in fields}
+        core = {name: getattr(total, name) for name, _ in ffi.typeof("struct dm_core_stats").fields}
         funcs = {
             f.name: {k: getattr(per[f.index], k) for k in ("submitted", "completed", "failed", "bytes")} for f in self.functions
         }
