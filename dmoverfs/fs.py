@@ -14,6 +14,7 @@ session's inode (``/proc/self/fd/N``) attaches to the same session.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import functools
@@ -21,7 +22,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -93,6 +94,20 @@ def fuse_errors(fn: F) -> F:
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[Waiter]:
+    """A Waiter tied to the read or write request being handled: FUSE_INTERRUPT fails its wait with EINTR.
+
+    Enter it before the handler's first await (see dmoverfs.fuse); the request
+    is watched only if the call actually blocks.
+    """
+    req = fuse.current_request()
+    try:
+        yield Waiter(lambda w: fuse.watch(req, w.interrupt))
+    finally:
+        fuse.unwatch(req)
 
 
 class DmoverOperations(pyfuse3.Operations):
@@ -287,23 +302,15 @@ class DmoverOperations(pyfuse3.Operations):
         handle = self.handles.get(fh)
         if isinstance(handle, StatsHandle):
             return handle.data[off : off + size]
-        req = fuse.current_request()  # before any await: see dmoverfs.fuse
         handle = self._session_handle(fh)
-        waiter = Waiter(lambda w: fuse.watch(req, w.interrupt))
-        try:
+        with interruptible() as waiter:
             return await handle.session.read(handle, size, waiter)
-        finally:
-            fuse.unwatch(req)
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        req = fuse.current_request()  # before any await: see dmoverfs.fuse
         handle = self._session_handle(fh)
-        waiter = Waiter(lambda w: fuse.watch(req, w.interrupt))
-        try:
+        with interruptible() as waiter:
             return await handle.session.write(handle, buf, waiter)
-        finally:
-            fuse.unwatch(req)
 
     async def flush(self, fh: int) -> None:
         return None
