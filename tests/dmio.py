@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,3 +142,13 @@ def errno_of(fn, *args) -> int:
     except OSError as exc:
         return exc.errno
     raise AssertionError(f"{fn.__name__}{args!r} succeeded")
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    """Poll *predicate* until true or the deadline; a deadline, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()

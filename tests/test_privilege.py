@@ -31,13 +31,13 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 from users import LineProcess, TempUser, cmdline, fuse_conf, kill_and_wait, pids_of_uid, python_paths
 
 from conftest import Server, temp_root
+from dmio import wait_for
 from dmoverfs import mounting
 
 TESTS = Path(__file__).resolve().parent
@@ -170,15 +170,6 @@ def ids(pid: int) -> dict[str, list[int]]:
 
 def stats(mnt: Path) -> dict:
     return json.loads((mnt / "stats").read_text())
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def exited(pid: int, timeout: float = 10.0) -> bool:

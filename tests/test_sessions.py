@@ -12,22 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dmio import XATTR_FUNCTION, collect, errno_of, open_session, request, run, submit, whole
+from dmio import XATTR_FUNCTION, collect, errno_of, open_session, request, run, submit, wait_for, whole
 
 
 def read_stats(mnt: Path) -> dict:
     with open(mnt / "stats") as f:
         return json.load(f)
 
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    """Poll *predicate* until true or the deadline; a deadline, not a timing assertion."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def test_mount_layout(mnt):
