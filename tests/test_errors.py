@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 
 import numpy as np
@@ -215,6 +217,35 @@ def test_bad_data_pointer_fails_only_that_request(session):
     assert responses[2].error == errno.EFAULT
     assert responses[1].error == 0 and responses[3].error == 0
     assert not good.any()
+
+
+def test_faults_in_one_write_of_many_zero_requests_fail_only_their_requests(session):
+    # Small zero requests of one write share process_vm_writev calls: a fault
+    # must still land on the request that holds the bad byte, and only there.
+    mm = mmap.mmap(-1, 2 * mmap.PAGESIZE)
+    try:
+        page = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+        edge = np.frombuffer(mm, np.uint8, count=mmap.PAGESIZE)
+        edge[:] = 1
+        # Half of this request's output is beyond the end of the mapping.
+        ctypes.CDLL(None, use_errno=True).munmap(ctypes.c_void_p(page + mmap.PAGESIZE), mmap.PAGESIZE)
+        rng = np.random.default_rng(5)
+        bufs = [np.ones(int(rng.integers(1, 5000)), np.uint8) for _ in range(64)]
+        outs: list = [whole(b) for b in bufs]
+        outs[0] = [(UNMAPPED, 64)]
+        outs[17] = [*whole(bufs[17]), (UNMAPPED, 8)]
+        outs[40] = [(page + mmap.PAGESIZE - 100, 200)]
+        outs[63] = [(UNMAPPED, 1)]
+        fd = session("zero")
+        responses = run(fd, *(request(i, out=o) for i, o in enumerate(outs)))
+        failed = {0, 17, 40, 63}
+        assert {i for i, r in responses.items() if r.error} == failed
+        assert all(responses[i].error == errno.EFAULT for i in failed)
+        assert all(not bufs[i].any() for i in range(64) if i not in failed)
+        assert not edge[-100:].any() and edge[:-100].all()
+    finally:
+        del edge
+        mm.close()
 
 
 def test_unreadable_input_data_is_efault(session):

@@ -2,8 +2,12 @@
  * dmcore.h - the data-moving core of dmoverfs, as seen by the Python server.
  *
  * The server owns one dm_core (worker threads, bounce buffers, counters) and
- * one dm_sess per session.  All dm_sess_* calls and dm_core_drain come from
- * the server's event-loop thread; worker threads only complete requests.
+ * one dm_sess per session.  dm_sess_submit*, dm_sess_take* and dm_sess_poke
+ * may come from two server threads at once (the event loop and the FUSE fast
+ * path: submissions are serialised inside); the other dm_sess_* calls and
+ * dm_core_drain come from the event loop only, and dm_sess_close only once
+ * no other thread can still use the session.  Worker threads only complete
+ * requests.
  *
  * Life of a request: dm_sess_submit() decodes and validates it (reading the
  * iovec arrays from the client with process_vm_readv), then either runs it at
@@ -111,8 +115,22 @@ int dm_sess_setfunc(dm_sess *s, int func);
  * EAGAIN from a global cap; ENXIO when no function is set).
  */
 size_t dm_sess_submit(dm_sess *s, const void *reqs, size_t nreq, int *err);
+/* Like dm_sess_submit, but all or nothing as far as room goes: accepts
+ * nothing (0, *err 0) unless the session has room for all nreq requests.
+ * Validation errors still stop it after the valid leading requests. */
+size_t dm_sess_submit_whole(dm_sess *s, const void *reqs, size_t nreq, int *err);
 /* Move up to max ready responses (16 bytes each) into resps; returns how many. */
 size_t dm_sess_take(dm_sess *s, void *resps, size_t max);
+/* The same, but nothing unless at least min are ready. */
+size_t dm_sess_take_if(dm_sess *s, void *resps, size_t max, size_t min);
+/*
+ * Submissions and takes that another thread makes (the server's FUSE fast
+ * path) are not announced, except on a watched session: dm_sess_poke() then
+ * puts it on the eventfd's list, as a worker's completion does.  The server
+ * watches a session while someone waits on it.
+ */
+void dm_sess_watch(dm_sess *s, int on);
+void dm_sess_poke(dm_sess *s);
 /* Outstanding (accepted, not yet taken) and ready (completed, not yet taken). */
 void dm_sess_counts(dm_sess *s, unsigned *outstanding, unsigned *ready);
 

@@ -82,6 +82,7 @@ struct dm_peer {
 	int pidfd;
 	atomic_bool gone;		/* it exited: never touch pid again */
 	atomic_bool cancel;		/* its session is closed: stop working for it */
+	atomic_int_fast64_t alive_ns;	/* CLOCK_MONOTONIC when last found alive */
 };
 
 /* A position in a client's iovec list (a local copy of it). */
@@ -96,6 +97,9 @@ void dm_rcur_init(struct dm_rcur *c, const struct iovec *iov, size_t cnt);
 /* One process_vm_readv between x->loc[0..nloc) and x->rem[0..nrem): 0 when
  * all bytes came, else the errno, *got saying how many did. */
 int dm_readv(struct dm_exec *x, struct dm_peer *p, size_t nloc, size_t nrem,
+    size_t bytes, size_t *got);
+/* The same with process_vm_writev. */
+int dm_writev(struct dm_exec *x, struct dm_peer *p, size_t nloc, size_t nrem,
     size_t bytes, size_t *got);
 /* Move the cursor n bytes on (to the end at most). */
 void dm_rcur_skip(struct dm_rcur *c, uint64_t n);
@@ -126,6 +130,7 @@ struct dm_exec {
 	struct dm_ival ival[IOV_MAX];	/* overlap check */
 	uint8_t inbufs[IOV_MAX * sizeof(dmio_buffer)];	/* a window's dmio_buffers */
 	struct dm_req *win[IOV_MAX];	/* a window's decoded requests */
+	struct dmio_usrresp resp[IOV_MAX];	/* a batch's responses */
 };
 
 struct dm_exec *dm_exec_new(dm_core *core, size_t chunk);
@@ -134,6 +139,12 @@ void dm_exec_free(struct dm_exec *x);
 static inline void dm_exec_recheck(struct dm_exec *x) { x->budget = 0; }
 /* Run r (or report its constraint error) into *resp. */
 void dm_exec_run(struct dm_exec *x, const struct dm_req *r, struct dmio_usrresp *resp);
+/* True for requests dm_exec_zero_batch runs. */
+bool dm_exec_batchable(const struct dm_req *r);
+/* Run n batchable requests of one session into resp[0..n), their outputs
+ * zeroed with as few process_vm_writev calls as the iovec limits allow. */
+void dm_exec_zero_batch(struct dm_exec *x, struct dm_req *const *r, size_t n,
+    struct dmio_usrresp *resp);
 
 dm_run_fn dm_run_zero, dm_run_fill8, dm_run_copy, dm_run_xor, dm_run_crc32c;
 /* dmoverfs extensions, beyond NetBSD's functions. */
@@ -191,6 +202,7 @@ struct dm_sess {
 	unsigned head;			/* ring index of the oldest response */
 	unsigned refs;			/* server + queued/running requests */
 	bool dead;			/* closed by the server */
+	bool watched;			/* the server waits on it: dm_sess_poke announces */
 	bool listed;			/* on the notify list (core->mu) */
 	dm_sess *nprev, *nnext;		/* notify list (core->mu) */
 	dm_sess *sprev, *snext;		/* all sessions (core->mu) */

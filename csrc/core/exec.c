@@ -73,6 +73,97 @@ dm_run_zero(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
 	return dm_put(x, &r->sess->peer, &out, x->core->zeros, x->chunk, r->total);
 }
 
+bool
+dm_exec_batchable(const struct dm_req *r)
+{
+	return r->fn->run == dm_run_zero && r->err == 0;
+}
+
+static void
+respond(const struct dm_req *r, int err, struct dmio_usrresp *resp)
+{
+	resp->resp_id = r->id;
+	resp->resp_error = err;
+	if (err == 0)
+		memcpy(resp->resp_immediate, r->imm, DM_IMM);
+	else
+		memset(resp->resp_immediate, 0, DM_IMM);
+}
+
+/*
+ * Pack requests r[0..n) into one process_vm_writev from the zero page
+ * while the iovec and size limits allow; returns how many went in (0 when
+ * r[0] alone does not fit: it then runs on its own).
+ */
+static size_t
+pack_zeros(struct dm_exec *x, struct dm_req *const *r, size_t n, size_t *nloc, size_t *nrem,
+    size_t *bytes)
+{
+	size_t k;
+
+	*nloc = *nrem = *bytes = 0;
+	for (k = 0; k < n; k++) {
+		const struct dm_req *q = r[k];
+		size_t pieces = (size_t)((q->total + x->chunk - 1) / x->chunk);
+
+		if (*nrem + q->out.cnt > IOV_MAX || *nloc + pieces > IOV_MAX ||
+		    q->total > DM_RW_MAX - *bytes)
+			break;
+		memcpy(&x->rem[*nrem], q->out.iov, q->out.cnt * sizeof(struct iovec));
+		*nrem += q->out.cnt;
+		for (uint64_t left = q->total; left > 0;) {
+			size_t take = left < x->chunk ? (size_t)left : x->chunk;
+
+			x->loc[*nloc].iov_base = (void *)x->core->zeros;
+			x->loc[*nloc].iov_len = take;
+			(*nloc)++;
+			left -= take;
+		}
+		*bytes += (size_t)q->total;
+	}
+	return k;
+}
+
+void
+dm_exec_zero_batch(struct dm_exec *x, struct dm_req *const *r, size_t n, struct dmio_usrresp *resp)
+{
+	struct timespec t0, t1;
+	uint64_t run_bytes = 0;
+	size_t i = 0;
+
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	while (i < n) {
+		size_t k, nloc, nrem, bytes, got, done = 0;
+		int err;
+
+		k = pack_zeros(x, r + i, n - i, &nloc, &nrem, &bytes);
+		if (k == 0) {
+			dm_exec_run(x, r[i], &resp[i]);
+			i++;
+			continue;
+		}
+		err = bytes > 0 ? dm_writev(x, &r[i]->sess->peer, nloc, nrem, bytes, &got) : 0;
+		/* The kernel stops at the first byte it cannot write: the
+		 * requests before that byte are done, the one holding it failed,
+		 * the ones after it go in the next call. */
+		for (size_t j = i; j < i + k; j++) {
+			if (err != 0 && done + r[j]->total > got) {
+				respond(r[j], err, &resp[j]);
+				k = j + 1 - i;
+				break;
+			}
+			done += (size_t)r[j]->total;
+			run_bytes += r[j]->total;
+			respond(r[j], 0, &resp[j]);
+		}
+		i += k;
+	}
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	atomic_fetch_add(&x->core->busy_ns, (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL +
+	    (t1.tv_nsec - t0.tv_nsec)));
+	atomic_fetch_add(&x->core->run_bytes, run_bytes);
+}
+
 int
 dm_run_fill8(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
 {

@@ -8,12 +8,30 @@
  */
 #include <errno.h>
 #include <poll.h>
+#include <time.h>
 
 #include "dmint.h"
 
 /* Poll the pidfd again after this many bytes: a long request must notice
  * that its client exited, but a poll costs as much as a small transfer. */
 #define DM_RECHECK_BYTES	((uint64_t)64 << 20)
+/*
+ * A client found alive this recently is not polled again before a new
+ * transfer (small requests would pay a syscall each): its pid cannot name
+ * another process yet.  The kernel hands pids out in a cycle, so reusing an
+ * exited client's pid takes a round of the whole pid space - far more forks
+ * than fit in a millisecond.  A gone client fails with ESRCH meanwhile.
+ */
+#define DM_RECHECK_NS		1000000
+
+static int64_t
+monotonic_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 void
 dm_rcur_init(struct dm_rcur *c, const struct iovec *iov, size_t cnt)
@@ -82,17 +100,22 @@ peer_ready(struct dm_exec *x, struct dm_peer *p, size_t bytes)
 	if (atomic_load_explicit(&p->gone, memory_order_relaxed))
 		return EFAULT;
 	if (x->budget == 0) {
-		/* Readable means exited: from then on the pid may name another process. */
-		struct pollfd pfd = { .fd = p->pidfd, .events = POLLIN };
-		int n;
+		int64_t now = monotonic_ns();
 
-		do
-			n = poll(&pfd, 1, 0);
-		while (n < 0 && errno == EINTR);
-		if (n != 0) {
-			if (n > 0)
-				atomic_store(&p->gone, true);
-			return EFAULT;
+		if (now - atomic_load_explicit(&p->alive_ns, memory_order_relaxed) >= DM_RECHECK_NS) {
+			/* Readable means exited: from then on the pid may name another process. */
+			struct pollfd pfd = { .fd = p->pidfd, .events = POLLIN };
+			int n;
+
+			do
+				n = poll(&pfd, 1, 0);
+			while (n < 0 && errno == EINTR);
+			if (n != 0) {
+				if (n > 0)
+					atomic_store(&p->gone, true);
+				return EFAULT;
+			}
+			atomic_store_explicit(&p->alive_ns, now, memory_order_relaxed);
 		}
 		x->budget = DM_RECHECK_BYTES;
 	}
@@ -131,6 +154,12 @@ int
 dm_readv(struct dm_exec *x, struct dm_peer *p, size_t nloc, size_t nrem, size_t bytes, size_t *got)
 {
 	return xfer(x, p, false, nloc, nrem, bytes, got);
+}
+
+int
+dm_writev(struct dm_exec *x, struct dm_peer *p, size_t nloc, size_t nrem, size_t bytes, size_t *got)
+{
+	return xfer(x, p, true, nloc, nrem, bytes, got);
 }
 
 int

@@ -30,6 +30,7 @@ dm_sess_new(dm_core *core, uint64_t id, int pid, int pidfd, unsigned depth)
 	s->peer.pidfd = pidfd;
 	atomic_init(&s->peer.gone, false);
 	atomic_init(&s->peer.cancel, false);
+	atomic_init(&s->peer.alive_ns, INT64_MIN / 2);
 	pthread_mutex_init(&s->mu, NULL);
 	s->func = -1;
 	s->depth = depth;
@@ -203,6 +204,40 @@ start(dm_core *c, struct dm_exec *x, struct dm_req *r)
 	}
 }
 
+/* How many leading requests of r[0..n) start together as one zero batch. */
+static size_t
+batch_length(dm_core *c, struct dm_req *const *r, size_t n)
+{
+	size_t k = 0;
+
+	while (k < n && r[k]->moved <= c->cfg.inline_bytes && dm_exec_batchable(r[k]))
+		k++;
+	return k;
+}
+
+/* Start n small zero requests at once: their outputs share syscalls. */
+static void
+start_batch(dm_core *c, struct dm_exec *x, struct dm_req *const *r, size_t n)
+{
+	dm_sess *s = r[0]->sess;
+	struct dmio_usrresp *resp = x->resp;
+
+	pthread_mutex_lock(&s->mu);
+	s->outstanding += (unsigned)n;
+	pthread_mutex_unlock(&s->mu);
+	dm_exec_zero_batch(x, r, n, resp);
+	for (size_t i = 0; i < n; i++) {
+		atomic_fetch_add(&c->fstats[r[i]->func].submitted, 1);
+		dm_core_count(c, r[i], resp[i].resp_error);
+		dm_req_free(c, r[i]);
+	}
+	atomic_fetch_add(&c->inline_runs, n);
+	pthread_mutex_lock(&s->mu);
+	for (size_t i = 0; i < n; i++)
+		ring_push(s, &resp[i]);
+	pthread_mutex_unlock(&s->mu);
+}
+
 /* An accepted request of an external session: hold a session reference
  * until dm_req_run or dm_req_complete, and queue it for the taker. */
 static void
@@ -219,8 +254,8 @@ park(dm_core *c, struct dm_req *r)
 	dm_core_park(c, r);
 }
 
-size_t
-dm_sess_submit(dm_sess *s, const void *reqs, size_t nreq, int *err)
+static size_t
+submit(dm_sess *s, const void *reqs, size_t nreq, bool whole, int *err)
 {
 	dm_core *c = s->core;
 	const unsigned char *wire = reqs;
@@ -238,6 +273,17 @@ dm_sess_submit(dm_sess *s, const void *reqs, size_t nreq, int *err)
 
 	pthread_mutex_lock(&c->submit_mu);
 	x = c->inl;
+	if (whole) {
+		/* Only submit (serialised by submit_mu) adds to outstanding. */
+		pthread_mutex_lock(&s->mu);
+		whole = s->depth - s->outstanding >= nreq;
+		pthread_mutex_unlock(&s->mu);
+		if (!whole) {
+			pthread_mutex_unlock(&c->submit_mu);
+			*err = 0;
+			return 0;
+		}
+	}
 	dm_exec_recheck(x);	/* the client may have exited since the last call */
 	/* Window by window.  Only submit (serialised by submit_mu) adds to
 	 * outstanding, so the room seen here is still there at start(). */
@@ -264,12 +310,21 @@ dm_sess_submit(dm_sess *s, const void *reqs, size_t nreq, int *err)
 				e = ge;
 				break;
 			}
-			if (external)
-				park(c, x->win[i]);
-			else
-				start(c, x, x->win[i]);
 		}
-		n += i;
+		k = i;	/* the reserved ones */
+		for (i = 0; i < k;) {
+			size_t b = external ? 0 : batch_length(c, x->win + i, k - i);
+
+			if (b > 1) {
+				start_batch(c, x, x->win + i, b);
+				i += b;
+			} else if (external) {
+				park(c, x->win[i++]);
+			} else {
+				start(c, x, x->win[i++]);
+			}
+		}
+		n += k;
 	}
 	pthread_mutex_unlock(&c->submit_mu);
 	*err = e;
@@ -277,13 +332,27 @@ dm_sess_submit(dm_sess *s, const void *reqs, size_t nreq, int *err)
 }
 
 size_t
-dm_sess_take(dm_sess *s, void *resps, size_t max)
+dm_sess_submit(dm_sess *s, const void *reqs, size_t nreq, int *err)
+{
+	return submit(s, reqs, nreq, false, err);
+}
+
+size_t
+dm_sess_submit_whole(dm_sess *s, const void *reqs, size_t nreq, int *err)
+{
+	return submit(s, reqs, nreq, true, err);
+}
+
+size_t
+dm_sess_take_if(dm_sess *s, void *resps, size_t max, size_t min)
 {
 	struct dmio_usrresp *out = resps;
 	size_t n, first;
 
 	pthread_mutex_lock(&s->mu);
 	n = s->ready < max ? s->ready : max;
+	if (n < min)
+		n = 0;
 	if (n > 0) {
 		/* At most two runs: to the end of the ring, then from its start. */
 		first = s->depth - s->head < n ? s->depth - s->head : n;
@@ -296,6 +365,35 @@ dm_sess_take(dm_sess *s, void *resps, size_t max)
 	pthread_mutex_unlock(&s->mu);
 	atomic_fetch_sub(&s->core->outstanding, n);
 	return n;
+}
+
+size_t
+dm_sess_take(dm_sess *s, void *resps, size_t max)
+{
+	return dm_sess_take_if(s, resps, max, 1);
+}
+
+void
+dm_sess_watch(dm_sess *s, int on)
+{
+	pthread_mutex_lock(&s->mu);
+	s->watched = on != 0;
+	pthread_mutex_unlock(&s->mu);
+}
+
+void
+dm_sess_poke(dm_sess *s)
+{
+	bool signal = false;
+
+	/* Under s->mu, so a watch set before the watcher's last look at the
+	 * counts is seen here, or that look saw what this poke announces. */
+	pthread_mutex_lock(&s->mu);
+	if (s->watched && !s->dead)
+		signal = dm_core_notify_add(s->core, s);
+	pthread_mutex_unlock(&s->mu);
+	if (signal)
+		dm_core_signal(s->core);
 }
 
 void
