@@ -2,7 +2,9 @@
 
 ``dmoverfs._core`` is the C core; ``dmoverfs._fuse_hooks`` holds the small
 libfuse interposers of the server (``server/stream_open.c``: session opens
-are FOPEN_STREAM; ``server/interrupts.c``: FUSE_INTERRUPT reaches Python).
+are FOPEN_STREAM; ``server/interrupts.c``: FUSE_INTERRUPT reaches Python;
+``server/fastpath.c``: session reads and writes that need no wait are
+answered in C).
 
 The declarations given to cffi are read from ``core/dmcore.h`` (the block
 between its cdef markers) so the header stays the one source of truth; the
@@ -94,10 +96,10 @@ def make_hooks_builder() -> cffi.FFI:
     ffi.set_source(
         "dmoverfs._fuse_hooks",
         '#include "fuse_hooks.h"\n',
-        sources=[str(SERVER / "stream_open.c"), str(SERVER / "interrupts.c")],
+        sources=[str(SERVER / "stream_open.c"), str(SERVER / "interrupts.c"), str(SERVER / "fastpath.c")],
         include_dirs=[str(SERVER), *(f[2:] for f in pkg_config("--cflags-only-I", "fuse3"))],
         extra_compile_args=["-std=gnu11", "-O2", *WARNINGS],
-        libraries=["fuse3", "dl"],
+        libraries=["fuse3", "dl", "pthread"],
     )
     return ffi
 

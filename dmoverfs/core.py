@@ -80,7 +80,8 @@ class Core:
         return ffi.string(lib.dm_core_kernels(self._ptr)).decode()
 
     def drain(self) -> list[int]:
-        """Ids of sessions that gained responses from workers since the last call."""
+        """Ids of sessions that gained responses from workers, or that the fast
+        path changed while watched, since the last call."""
         ids: list[int] = []
         while True:
             n = lib.dm_core_drain(self._ptr, self._drain_ids, len(self._drain_ids))
@@ -208,6 +209,15 @@ class CoreSession:
     def take(self, max_resps: int) -> bytes:
         """Up to *max_resps* ready responses, packed."""
         return self._core.take_into(self._ptr, max_resps)
+
+    @property
+    def address(self) -> int:
+        """The C session's address (for dmoverfs.fastpath)."""
+        return int(ffi.cast("uintptr_t", self._ptr))
+
+    def watch(self, on: bool) -> None:
+        """Have the fast path's submissions and takes announced on the eventfd (see :meth:`Core.drain`)."""
+        lib.dm_sess_watch(self._ptr, int(on))
 
     def counts(self) -> tuple[int, int]:
         """(outstanding, ready)."""

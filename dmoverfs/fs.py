@@ -194,8 +194,7 @@ class DmoverOperations(pyfuse3.Operations):
             else:
                 attrs.st_mode = stat.S_IFREG | 0o600
                 attrs.st_uid, attrs.st_gid = session.client.uid, session.client.gid
-                attrs.st_atime_ns = session.atime_ns
-                attrs.st_mtime_ns = session.mtime_ns
+                attrs.st_atime_ns, attrs.st_mtime_ns = self.device.session_times(session)
                 attrs.st_ctime_ns = session.created_ns
                 return attrs
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = t
@@ -280,8 +279,9 @@ class DmoverOperations(pyfuse3.Operations):
         elif node.kind is Kind.CLONE:
             if node.session is None:
                 node.session = self.device.open_session(node.ino, ctx, node.preset)
-            handle = Handle(node.session, nonblock=bool(flags & os.O_NONBLOCK))
+            handle = Handle(node.session, nonblock=bool(flags & os.O_NONBLOCK), fh=self._next_fh)
             node.session.handles.add(handle)
+            self.device.serve_fast(handle)
         else:
             raise pyfuse3.FUSEError(errno.EISDIR)
         fh = self._next_fh
@@ -321,6 +321,7 @@ class DmoverOperations(pyfuse3.Operations):
             return
         session = handle.session
         session.handles.discard(handle)
+        self.device.unserve_fast(handle)
         if not session.handles:
             self.device.close_session(session)
             node = self.nodes.get(session.sid)
@@ -348,6 +349,8 @@ class DmoverOperations(pyfuse3.Operations):
         session = self._xattr_session(inode)
         if name == _XATTR_FUNCTION:
             session.set_function(value)
+            for handle in session.handles:
+                self.device.serve_fast(handle)
         elif name == _XATTR_NONBLOCK:
             flag = value.rstrip(b"\0\n")
             if flag not in (b"0", b"1"):
@@ -355,6 +358,7 @@ class DmoverOperations(pyfuse3.Operations):
             # An xattr call cannot tell which descriptor it came through: it sets them all.
             for handle in session.handles:
                 handle.nonblock = flag == b"1"
+                self.device.serve_fast(handle)
         elif name == _XATTR_SERVER:
             raise pyfuse3.FUSEError(errno.EPERM)
         else:

@@ -4,9 +4,10 @@ Import pyfuse3 from here, never directly: ``dmoverfs._fuse_hooks`` (see
 ``csrc/server/``) must be in the global symbol scope before pyfuse3 binds its
 libfuse symbols. It makes session opens FOPEN_STREAM (otherwise a read()
 blocked in one thread holds the file's position lock and stops other threads
-writing to the same descriptor) and passes FUSE_INTERRUPT on to the read and
+writing to the same descriptor), passes FUSE_INTERRUPT on to the read and
 write handlers (otherwise a client killed while blocked would hang until its
-request completed).
+request completed) and, once dmoverfs.fastpath asks for it, serves the
+session reads and writes that need no wait from a C thread.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ ctypes.CDLL(_fuse_hooks.__file__, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
 import pyfuse3  # noqa: E402  (must follow the interposers)
 
 _ffi, _lib = _fuse_hooks.ffi, _fuse_hooks.lib
+#: The hooks module itself, for dmoverfs.fastpath.
+hooks_ffi, hooks_lib = _ffi, _lib
 #: Watched requests (by address) and what to call when the kernel interrupts them
 #: (None once called).
 _watched: dict[int, Callable[[], None] | None] = {}

@@ -22,10 +22,11 @@ import trio.testing
 from dmoverfs import __version__, stats
 from dmoverfs.backends import BuiltinBackend, Dispatcher, Registry
 from dmoverfs.core import Core, Function
+from dmoverfs.fastpath import FastPath
 from dmoverfs.fs import DmoverOperations
 from dmoverfs.fuse import pyfuse3
 from dmoverfs.process import Client, open_pidfd, thread_group
-from dmoverfs.session import Counters, Session
+from dmoverfs.session import Counters, Handle, Session
 from dmoverfs.tunables import Tunables
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class Device:
         self.shutting_down = False
         #: Inodes held by the FUSE layer (set by it; shown in stats to expose leaks).
         self.inode_count: Callable[[], int] = lambda: 0
+        #: Answers reads and writes that need no wait in C (must exist before pyfuse3.init).
+        self.fast: FastPath | None = FastPath() if tunables.fast_path else None
 
     def _functions(self) -> dict[str, Function]:
         """What the active back-ends offer. A function only the built-in back-end
@@ -92,6 +95,30 @@ class Device:
         self.counters.sessions_total += 1
         return session
 
+    def serve_fast(self, handle: Handle) -> None:
+        """Let the fast path serve *handle* if its session runs a built-in function (or update it)."""
+        func = handle.session.function
+        if self.fast is not None and func is not None and not func.external and not handle.session.closed:
+            try:
+                self.fast.register(handle.fh, handle.session.core, handle.session.depth, handle.nonblock)
+            except OSError as exc:
+                # Python serves the file instead: slower, the same answers.
+                log.warning("session %d: not on the fast path: %s", handle.session.sid, exc)
+
+    def unserve_fast(self, handle: Handle) -> None:
+        """Take *handle* back from the fast path (before its session may close)."""
+        if self.fast is not None:
+            self.fast.unregister(handle.fh)
+
+    def session_times(self, session: Session) -> tuple[int, int]:
+        """(atime, mtime) of *session*, counting reads and writes the fast path served."""
+        atime, mtime = session.atime_ns, session.mtime_ns
+        if self.fast is not None:
+            for handle in session.handles:
+                fast_atime, fast_mtime = self.fast.times(handle.fh)
+                atime, mtime = max(atime, fast_atime), max(mtime, fast_mtime)
+        return atime, mtime
+
     def close_session(self, session: Session) -> None:
         """The last open file of *session* was released."""
         session.close()
@@ -102,11 +129,13 @@ class Device:
         for sid in self.core.drain():
             session = self.sessions.get(sid)
             if session is not None:
-                session.completed()
+                session.changed()
 
     def shut_down(self) -> None:
         """Fail every waiter with ENXIO and tell every poller."""
         self.shutting_down = True
+        if self.fast is not None:
+            self.fast.stop()
         for session in list(self.sessions.values()):
             session.shut_down()
 

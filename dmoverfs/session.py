@@ -84,6 +84,8 @@ class Handle:
 
     session: Session
     nonblock: bool
+    #: The FUSE file handle (0 outside a mount).
+    fh: int = 0
     poll_handle: PollHandle | None = field(default=None, repr=False)
 
 
@@ -133,6 +135,8 @@ class Session:
         self._down = False
         self._closed = False
         self._eperm_logged = False
+        #: The core announces the fast path's submissions and takes (see _watch).
+        self._watching = False
 
     # -- configuration (the ioctl equivalents) -------------------------------------------
 
@@ -183,6 +187,8 @@ class Session:
                 if done == 0:
                     raise OSError(errno.EAGAIN, "the session's queue is full")
                 break
+            if self._watch():
+                continue
             self._counters.queue_waits += 1
             try:
                 await self._wait(self._writers, waiter)
@@ -218,6 +224,8 @@ class Session:
                 if got == 0:
                     raise OSError(errno.EAGAIN, "no response is ready")
                 break
+            if self._watch():
+                continue
             self._counters.read_waits += 1
             try:
                 await self._wait(self._readers, waiter)
@@ -232,6 +240,7 @@ class Session:
         """Current readiness; keeps *poll_handle* to notify when it changes."""
         if poll_handle is not None:
             handle.poll_handle = poll_handle
+            self._watch()
         if self._down:
             return POLL_IN | POLL_OUT
         outstanding, ready = self._core.counts()
@@ -242,9 +251,11 @@ class Session:
 
     # -- events from the core and the server ---------------------------------------------
 
-    def completed(self) -> None:
-        """Workers completed requests of this session: wake readers and pollers."""
+    def changed(self) -> None:
+        """Workers completed requests, or the fast path took responses or
+        accepted requests: wake readers, writers and pollers to look again."""
         self._readers.unpark_all()
+        self._writers.unpark_all()
         self._notify_pollers()
 
     def shut_down(self) -> None:
@@ -267,6 +278,11 @@ class Session:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def core(self) -> CoreSession:
+        """The C half (for the fast path's registry)."""
+        return self._core
+
     def counts(self) -> tuple[int, int]:
         """(outstanding, ready)."""
         return (0, 0) if self._closed else self._core.counts()
@@ -284,7 +300,10 @@ class Session:
             waiter.before_wait(lot.unpark_all)
             if waiter.interrupted:
                 raise OSError(errno.EINTR, "interrupted")
-        await lot.park()
+        try:
+            await lot.park()
+        finally:
+            self._unwatch_if_idle()
         if self._down:
             raise OSError(errno.ENXIO, "the server is shutting down")
         if waiter is not None and waiter.interrupted:
@@ -311,12 +330,30 @@ class Session:
             os.getpid(),
         )
 
+    def _watch(self) -> bool:
+        """Have the fast path's changes announced before waiting on them.
+
+        True when the watch is new: the caller looks at the counts once more,
+        since the fast path may have changed them before it saw the watch.
+        """
+        if self._watching or self._closed:
+            return False
+        self._watching = True
+        self._core.watch(True)
+        return True
+
+    def _unwatch_if_idle(self) -> None:
+        if self._watching and not self._closed and not self._readers and not self._writers:
+            if not any(h.poll_handle for h in self.handles):
+                self._watching = False
+                self._core.watch(False)
+
     def _after_submit(self) -> None:
         # Small requests completed inline: a concurrent reader or poller may proceed.
         if self._readers or any(h.poll_handle for h in self.handles):
             _, ready = self._core.counts()
             if ready:
-                self.completed()
+                self.changed()
 
     def _after_take(self) -> None:
         # Room was freed: a blocked writer or a POLLOUT poller may proceed.
@@ -329,3 +366,4 @@ class Session:
             if ph is not None:
                 handle.poll_handle = None
                 ph.notify()
+        self._unwatch_if_idle()

@@ -33,6 +33,7 @@ def snapshot(device: Device) -> dict[str, Any]:
             "total": device.counters.sessions_total,
         },
         "inodes": device.inode_count(),
+        "fast_path": device.fast.stats() if device.fast is not None else {"running": False},
         "requests": {
             "outstanding": core["outstanding"],
             "in_flight": core["executing"],

@@ -26,6 +26,8 @@ class Tunables:
     chunk_bytes: int = 256 << 10
     #: Requests moving at most this many bytes run without a worker hop.
     inline_bytes: int = 64 << 10
+    #: Reads and writes that need no wait are answered by a C thread, not pyfuse3.
+    fast_path: bool = True
 
     def validate(self) -> None:
         """Raise ValueError for values the server cannot run with."""
@@ -40,6 +42,6 @@ class Tunables:
         if self.inline_bytes < 0:
             raise ValueError("inline bytes must not be negative")
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | bool]:
         """The tunables as a plain dict (for stats)."""
         return dataclasses.asdict(self)

@@ -32,6 +32,7 @@ class FakeCore:
         self.ready: list[int] = []
         self.reject_id: int | None = None
         self.func: int | None = None
+        self.watched = False
 
     def setfunc(self, index: int) -> int:
         if self.func is not None:
@@ -61,6 +62,9 @@ class FakeCore:
 
     def counts(self) -> tuple[int, int]:
         return len(self.pending) + len(self.ready), len(self.ready)
+
+    def watch(self, on: bool) -> None:
+        self.watched = on
 
     def close(self) -> None:
         self.pending.clear()
@@ -116,11 +120,11 @@ def test_blocking_read_sleeps_until_full_and_completion_wakes_it():
             nursery.start_soon(lambda: _append(result, session.read(handle, 32)))
             await trio.testing.wait_all_tasks_blocked()
             core.complete(1)
-            session.completed()
+            session.changed()
             await trio.testing.wait_all_tasks_blocked()
             assert result == []  # one of two: still waiting
             core.complete(1)
-            session.completed()
+            session.changed()
         assert ids_of(result[0]) == [1, 2]
 
     trio.run(main)
@@ -188,7 +192,7 @@ def test_shutdown_wakes_blocked_reader_with_enxio_and_keeps_taken_responses():
             nursery.start_soon(reader, 48)
             await trio.testing.wait_all_tasks_blocked()
             core.complete(1)
-            session.completed()
+            session.changed()
             await trio.testing.wait_all_tasks_blocked()
             nursery.start_soon(reader, 16)
             await trio.testing.wait_all_tasks_blocked()
@@ -209,9 +213,9 @@ def test_poll_reports_state_and_notifies_once_per_handle():
         await session.write(handle, reqs(1))
         assert session.poll(handle, ph) == 0  # full, nothing ready
         core.complete(1)
-        session.completed()
+        session.changed()
         assert ph.notified == 1
-        session.completed()
+        session.changed()
         assert ph.notified == 1  # the handle was used up
         assert session.poll(handle, None) == POLL_IN
         await session.read(handle, 16)
