@@ -87,6 +87,15 @@ def _backends(device: Device, core: dict[str, int]) -> dict[str, Any]:
     return out
 
 
+def _fast_path_line(fast: dict[str, Any]) -> str:
+    if not fast["running"]:
+        return "fast path: off (Python serves every read and write)"
+    return (
+        f"fast path: {fast['files']} open files; answered in C {fast['writes']} writes, {fast['reads']} reads "
+        f"({fast['errors']} with an error); {fast['forwarded']} requests passed to Python"
+    )
+
+
 def format_table(data: dict[str, Any]) -> str:
     """A readable rendering of a :func:`snapshot` for ``dmoverfs status``."""
     server = data["server"]
@@ -94,6 +103,7 @@ def format_table(data: dict[str, Any]) -> str:
         f"dmoverfs {server['version']} at {server['mountpoint']} (pid {server['pid']}, up {server['uptime_s']:.0f} s)",
         f"sessions: {data['sessions']['open']} open, {data['sessions']['total']} since mount; inodes: {data['inodes']}",
         "requests: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in data["requests"].items()),
+        _fast_path_line(data["fast_path"]),
         "",
         f"{'function':<14}{'submitted':>12}{'completed':>12}{'failed':>9}{'bytes':>16}",
     ]

@@ -34,6 +34,7 @@ from dmio import (
     wait_for,
     whole,
 )
+from dmoverfs.stats import format_table
 
 DEADLINE_S = 10.0
 UNMAPPED = 0x1000
@@ -105,6 +106,7 @@ def test_without_the_fast_path_python_answers_everything(server_factory):
         os.close(fd)
     assert not buf.any()
     assert data["fast_path"] == {"running": False}
+    assert "fast path: off" in format_table(data)
     assert data["limits"]["fast_path"] is False
 
 
