@@ -20,7 +20,6 @@ def read_stats(mnt: Path) -> dict:
         return json.load(f)
 
 
-
 def test_mount_layout(mnt):
     assert sorted(os.listdir(mnt)) == ["dmoverio", "func", "stats"]
     assert stat.S_ISREG(os.stat(mnt / "dmoverio").st_mode)

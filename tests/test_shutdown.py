@@ -13,9 +13,9 @@ import sys
 import time
 
 import pytest
+from test_signals import client, wait_blocked_in_fuse, wait_line
 
 from dmoverfs import mounting
-from test_signals import client, wait_blocked_in_fuse, wait_line
 
 DEADLINE_S = 2.0
 
