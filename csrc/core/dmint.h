@@ -139,11 +139,10 @@ void dm_exec_free(struct dm_exec *x);
 static inline void dm_exec_recheck(struct dm_exec *x) { x->budget = 0; }
 /* Run r (or report its constraint error) into *resp. */
 void dm_exec_run(struct dm_exec *x, const struct dm_req *r, struct dmio_usrresp *resp);
-/* True for requests dm_exec_zero_batch runs. */
-bool dm_exec_batchable(const struct dm_req *r);
-/* Run n batchable requests of one session into resp[0..n), their outputs
- * zeroed with as few process_vm_writev calls as the iovec limits allow. */
-void dm_exec_zero_batch(struct dm_exec *x, struct dm_req *const *r, size_t n,
+/* Run r[0..n) (requests of one session) into resp[0..n), as dm_exec_run
+ * does; consecutive zero requests have their outputs zeroed with as few
+ * process_vm_writev calls as the iovec limits allow. */
+void dm_exec_run_batch(struct dm_exec *x, struct dm_req *const *r, size_t n,
     struct dmio_usrresp *resp);
 
 dm_run_fn dm_run_zero, dm_run_fill8, dm_run_copy, dm_run_xor, dm_run_crc32c;

@@ -40,28 +40,45 @@ dm_exec_free(struct dm_exec *x)
 	free(x);
 }
 
+/* A response: the immediate echoed (or as run left it) on success, zeros on error. */
+static void
+set_resp(struct dmio_usrresp *resp, uint32_t id, int err, const uint8_t imm[DM_IMM])
+{
+	resp->resp_id = id;
+	resp->resp_error = err;
+	if (err == 0)
+		memcpy(resp->resp_immediate, imm, DM_IMM);
+	else
+		memset(resp->resp_immediate, 0, DM_IMM);
+}
+
+/* Count time since t0 and bytes run into the built-in back-end's load. */
+static void
+add_busy(struct dm_exec *x, const struct timespec *t0, uint64_t bytes)
+{
+	struct timespec t1;
+
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	atomic_fetch_add(&x->core->busy_ns, (uint64_t)((t1.tv_sec - t0->tv_sec) * 1000000000LL +
+	    (t1.tv_nsec - t0->tv_nsec)));
+	atomic_fetch_add(&x->core->run_bytes, bytes);
+}
+
 void
 dm_exec_run(struct dm_exec *x, const struct dm_req *r, struct dmio_usrresp *resp)
 {
 	uint8_t imm[DM_IMM];
 	int err = r->err;
-	struct timespec t0, t1;
+	struct timespec t0;
 
 	/* By default the immediate is echoed, as NetBSD hands back dreq_immediate. */
 	memcpy(imm, r->imm, DM_IMM);
 	if (err == 0) {
 		clock_gettime(CLOCK_MONOTONIC, &t0);
 		err = r->fn->run(x, r, imm);
-		clock_gettime(CLOCK_MONOTONIC, &t1);
-		atomic_fetch_add(&x->core->busy_ns, (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL +
-		    (t1.tv_nsec - t0.tv_nsec)));
-		atomic_fetch_add(&x->core->run_bytes, r->total);
+		add_busy(x, &t0, r->total);
 	}
-	if (err != 0)
-		memset(imm, 0, DM_IMM);
-	resp->resp_id = r->id;
-	resp->resp_error = err;
-	memcpy(resp->resp_immediate, imm, DM_IMM);
+	set_resp(resp, r->id, err, imm);
 }
 
 int
@@ -73,27 +90,17 @@ dm_run_zero(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
 	return dm_put(x, &r->sess->peer, &out, x->core->zeros, x->chunk, r->total);
 }
 
-bool
-dm_exec_batchable(const struct dm_req *r)
+/* Zero requests (without a constraint error) share process_vm_writev calls. */
+static bool
+batchable(const struct dm_req *r)
 {
 	return r->fn->run == dm_run_zero && r->err == 0;
 }
 
-static void
-respond(const struct dm_req *r, int err, struct dmio_usrresp *resp)
-{
-	resp->resp_id = r->id;
-	resp->resp_error = err;
-	if (err == 0)
-		memcpy(resp->resp_immediate, r->imm, DM_IMM);
-	else
-		memset(resp->resp_immediate, 0, DM_IMM);
-}
-
 /*
- * Pack requests r[0..n) into one process_vm_writev from the zero page
- * while the iovec and size limits allow; returns how many went in (0 when
- * r[0] alone does not fit: it then runs on its own).
+ * Pack the leading batchable requests of r[0..n) into one process_vm_writev
+ * from the zero page while the iovec and size limits allow; returns how
+ * many went in (0 when r[0] cannot share a call: it then runs on its own).
  */
 static size_t
 pack_zeros(struct dm_exec *x, struct dm_req *const *r, size_t n, size_t *nloc, size_t *nrem,
@@ -106,7 +113,7 @@ pack_zeros(struct dm_exec *x, struct dm_req *const *r, size_t n, size_t *nloc, s
 		const struct dm_req *q = r[k];
 		size_t pieces = (size_t)((q->total + x->chunk - 1) / x->chunk);
 
-		if (*nrem + q->out.cnt > IOV_MAX || *nloc + pieces > IOV_MAX ||
+		if (!batchable(q) || *nrem + q->out.cnt > IOV_MAX || *nloc + pieces > IOV_MAX ||
 		    q->total > DM_RW_MAX - *bytes)
 			break;
 		memcpy(&x->rem[*nrem], q->out.iov, q->out.cnt * sizeof(struct iovec));
@@ -125,17 +132,17 @@ pack_zeros(struct dm_exec *x, struct dm_req *const *r, size_t n, size_t *nloc, s
 }
 
 void
-dm_exec_zero_batch(struct dm_exec *x, struct dm_req *const *r, size_t n, struct dmio_usrresp *resp)
+dm_exec_run_batch(struct dm_exec *x, struct dm_req *const *r, size_t n, struct dmio_usrresp *resp)
 {
-	struct timespec t0, t1;
-	uint64_t run_bytes = 0;
 	size_t i = 0;
 
-	clock_gettime(CLOCK_MONOTONIC, &t0);
 	while (i < n) {
 		size_t k, nloc, nrem, bytes, got, done = 0;
+		uint64_t run = 0;	/* bytes of the requests tried, as dm_exec_run counts */
+		struct timespec t0;
 		int err;
 
+		clock_gettime(CLOCK_MONOTONIC, &t0);
 		k = pack_zeros(x, r + i, n - i, &nloc, &nrem, &bytes);
 		if (k == 0) {
 			dm_exec_run(x, r[i], &resp[i]);
@@ -147,21 +154,18 @@ dm_exec_zero_batch(struct dm_exec *x, struct dm_req *const *r, size_t n, struct 
 		 * requests before that byte are done, the one holding it failed,
 		 * the ones after it go in the next call. */
 		for (size_t j = i; j < i + k; j++) {
+			run += r[j]->total;
 			if (err != 0 && done + r[j]->total > got) {
-				respond(r[j], err, &resp[j]);
+				set_resp(&resp[j], r[j]->id, err, r[j]->imm);
 				k = j + 1 - i;
 				break;
 			}
 			done += (size_t)r[j]->total;
-			run_bytes += r[j]->total;
-			respond(r[j], 0, &resp[j]);
+			set_resp(&resp[j], r[j]->id, 0, r[j]->imm);
 		}
+		add_busy(x, &t0, run);
 		i += k;
 	}
-	clock_gettime(CLOCK_MONOTONIC, &t1);
-	atomic_fetch_add(&x->core->busy_ns, (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL +
-	    (t1.tv_nsec - t0.tv_nsec)));
-	atomic_fetch_add(&x->core->run_bytes, run_bytes);
 }
 
 int

@@ -168,56 +168,10 @@ reserve_global(dm_core *c)
 	return 0;
 }
 
+/* Run n accepted small requests in this thread and deliver their responses
+ * (the caller checks the counts itself: no notification). */
 static void
-run_inline(dm_core *c, struct dm_exec *x, struct dm_req *r)
-{
-	dm_sess *s = r->sess;
-	struct dmio_usrresp resp;
-
-	dm_exec_run(x, r, &resp);
-	dm_core_count(c, r, resp.resp_error);
-	dm_req_free(c, r);
-	atomic_fetch_add(&c->inline_runs, 1);
-	/* The caller checks the counts itself: no notification. */
-	pthread_mutex_lock(&s->mu);
-	ring_push(s, &resp);
-	pthread_mutex_unlock(&s->mu);
-}
-
-/* Start an accepted request: at once when small, else on a worker. */
-static void
-start(dm_core *c, struct dm_exec *x, struct dm_req *r)
-{
-	dm_sess *s = r->sess;
-
-	pthread_mutex_lock(&s->mu);
-	s->outstanding++;
-	if (r->moved > c->cfg.inline_bytes)
-		s->refs++;
-	pthread_mutex_unlock(&s->mu);
-	atomic_fetch_add(&c->fstats[r->func].submitted, 1);
-	if (r->moved <= c->cfg.inline_bytes) {
-		run_inline(c, x, r);
-	} else {
-		atomic_fetch_add(&c->executing, 1);
-		dm_core_enqueue(c, r);
-	}
-}
-
-/* How many leading requests of r[0..n) start together as one zero batch. */
-static size_t
-batch_length(dm_core *c, struct dm_req *const *r, size_t n)
-{
-	size_t k = 0;
-
-	while (k < n && r[k]->moved <= c->cfg.inline_bytes && dm_exec_batchable(r[k]))
-		k++;
-	return k;
-}
-
-/* Start n small zero requests at once: their outputs share syscalls. */
-static void
-start_batch(dm_core *c, struct dm_exec *x, struct dm_req *const *r, size_t n)
+run_inline(dm_core *c, struct dm_exec *x, struct dm_req *const *r, size_t n)
 {
 	dm_sess *s = r[0]->sess;
 	struct dmio_usrresp *resp = x->resp;
@@ -225,9 +179,10 @@ start_batch(dm_core *c, struct dm_exec *x, struct dm_req *const *r, size_t n)
 	pthread_mutex_lock(&s->mu);
 	s->outstanding += (unsigned)n;
 	pthread_mutex_unlock(&s->mu);
-	dm_exec_zero_batch(x, r, n, resp);
-	for (size_t i = 0; i < n; i++) {
+	for (size_t i = 0; i < n; i++)
 		atomic_fetch_add(&c->fstats[r[i]->func].submitted, 1);
+	dm_exec_run_batch(x, r, n, resp);
+	for (size_t i = 0; i < n; i++) {
 		dm_core_count(c, r[i], resp[i].resp_error);
 		dm_req_free(c, r[i]);
 	}
@@ -236,6 +191,32 @@ start_batch(dm_core *c, struct dm_exec *x, struct dm_req *const *r, size_t n)
 	for (size_t i = 0; i < n; i++)
 		ring_push(s, &resp[i]);
 	pthread_mutex_unlock(&s->mu);
+}
+
+/* Queue an accepted large request to the workers. */
+static void
+start_worker(dm_core *c, struct dm_req *r)
+{
+	dm_sess *s = r->sess;
+
+	pthread_mutex_lock(&s->mu);
+	s->outstanding++;
+	s->refs++;
+	pthread_mutex_unlock(&s->mu);
+	atomic_fetch_add(&c->fstats[r->func].submitted, 1);
+	atomic_fetch_add(&c->executing, 1);
+	dm_core_enqueue(c, r);
+}
+
+/* How many leading requests of r[0..n) are small enough to run inline. */
+static size_t
+inline_length(dm_core *c, struct dm_req *const *r, size_t n)
+{
+	size_t k = 0;
+
+	while (k < n && r[k]->moved <= c->cfg.inline_bytes)
+		k++;
+	return k;
 }
 
 /* An accepted request of an external session: hold a session reference
@@ -274,11 +255,13 @@ submit(dm_sess *s, const void *reqs, size_t nreq, bool whole, int *err)
 	pthread_mutex_lock(&c->submit_mu);
 	x = c->inl;
 	if (whole) {
+		bool room;
+
 		/* Only submit (serialised by submit_mu) adds to outstanding. */
 		pthread_mutex_lock(&s->mu);
-		whole = s->depth - s->outstanding >= nreq;
+		room = s->depth - s->outstanding >= nreq;
 		pthread_mutex_unlock(&s->mu);
-		if (!whole) {
+		if (!room) {
 			pthread_mutex_unlock(&c->submit_mu);
 			*err = 0;
 			return 0;
@@ -286,7 +269,7 @@ submit(dm_sess *s, const void *reqs, size_t nreq, bool whole, int *err)
 	}
 	dm_exec_recheck(x);	/* the client may have exited since the last call */
 	/* Window by window.  Only submit (serialised by submit_mu) adds to
-	 * outstanding, so the room seen here is still there at start(). */
+	 * outstanding, so the room seen here is still there below. */
 	while (n < nreq && e == 0) {
 		size_t room, want, k, i;
 
@@ -313,15 +296,15 @@ submit(dm_sess *s, const void *reqs, size_t nreq, bool whole, int *err)
 		}
 		k = i;	/* the reserved ones */
 		for (i = 0; i < k;) {
-			size_t b = external ? 0 : batch_length(c, x->win + i, k - i);
+			size_t b = external ? 0 : inline_length(c, x->win + i, k - i);
 
-			if (b > 1) {
-				start_batch(c, x, x->win + i, b);
+			if (b > 0) {
+				run_inline(c, x, x->win + i, b);
 				i += b;
 			} else if (external) {
 				park(c, x->win[i++]);
 			} else {
-				start(c, x, x->win[i++]);
+				start_worker(c, x->win[i++]);
 			}
 		}
 		n += k;
