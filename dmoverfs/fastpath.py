@@ -61,9 +61,6 @@ class FastPath:
         """Take *fh* back; returns once the C thread no longer uses its session."""
         hooks_lib.dmoverfs_fast_unregister(fh)
 
-    def set_nonblock(self, fh: int, nonblock: bool) -> None:
-        hooks_lib.dmoverfs_fast_set_nonblock(fh, int(nonblock))
-
     def times(self, fh: int) -> tuple[int, int]:
         """(atime, mtime) in ns of *fh*'s last fast read and write; 0 for none."""
         t = self._times

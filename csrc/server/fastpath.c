@@ -208,18 +208,6 @@ dmoverfs_fast_unregister(uint64_t fh)
 	free(e);
 }
 
-void
-dmoverfs_fast_set_nonblock(uint64_t fh, int nonblock)
-{
-	struct entry **p;
-
-	pthread_mutex_lock(&fp.rmu);
-	p = find(fh);
-	if (p != NULL)
-		(*p)->nonblock = nonblock != 0;
-	pthread_mutex_unlock(&fp.rmu);
-}
-
 int
 dmoverfs_fast_times(uint64_t fh, int64_t *atime_ns, int64_t *mtime_ns)
 {

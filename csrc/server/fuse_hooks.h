@@ -51,11 +51,11 @@ void dmoverfs_fast_enable(int on);
 /* 1 while the reader thread serves and fast answers are allowed. */
 int dmoverfs_fast_running(void);
 /* Serve open file fh of session sess (depth: its queue depth) here.
- * Registering a known fh updates it.  0, EINVAL or ENOMEM. */
+ * Registering a known fh updates it (e.g. its nonblock flag).  0, EINVAL
+ * or ENOMEM. */
 int dmoverfs_fast_register(uint64_t fh, dm_sess *sess, unsigned depth, int nonblock);
 /* Stop serving fh; returns once no fast request uses its session. */
 void dmoverfs_fast_unregister(uint64_t fh);
-void dmoverfs_fast_set_nonblock(uint64_t fh, int nonblock);
 /* The times of fh's last fast read and write (0: none); 0 if fh is unknown. */
 int dmoverfs_fast_times(uint64_t fh, int64_t *atime_ns, int64_t *mtime_ns);
 size_t dmoverfs_fast_registered(void);
