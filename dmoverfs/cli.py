@@ -156,7 +156,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dmoverfs import bench
+    from dmoverfs.tools import bench
 
     return bench.main(args)
 
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("command", nargs=argparse.REMAINDER, help="the program and its arguments")
     run.set_defaults(func=cmd_exec)
 
-    from dmoverfs.bench import add_arguments as bench_arguments
+    from dmoverfs.tools.bench import add_arguments as bench_arguments
 
     bench = sub.add_parser("bench", help="benchmark against a C floor server and the kernel's copy (writes a table, JSON, PNG)")
     bench_arguments(bench)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from dmoverfs import soak
+from dmoverfs.tools import soak
 
 
 def test_server_returns_to_baseline_after_load():

@@ -1,5 +1,5 @@
 /*
- * client.c - the measuring client of the dmoverfs benchmark (issue 5).
+ * client.c - the measuring client of the dmoverfs benchmark.
  *
  * Drives a dmoverfs mount and the floor server (floor.c) identically, and
  * measures the kernel baselines, in C so that the client costs the same on

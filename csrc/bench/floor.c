@@ -1,5 +1,5 @@
 /*
- * floor.c - the floor server of the dmoverfs benchmark (issue 5).
+ * floor.c - the floor server of the dmoverfs benchmark.
  *
  * The least a C server on libfuse's low-level API has to do to serve the
  * `zero` function of the dmoverio wire format, so that the benchmark can

@@ -1,6 +1,6 @@
 """Soak: open and close many sessions, serve many requests, check the server returns to its baseline.
 
-``python -m dmoverfs.soak --sessions 100000 --requests 1000000`` (or
+``python -m dmoverfs.tools.soak --sessions 100000 --requests 1000000`` (or
 ``scripts/soak``) mounts a private server, measures its resident memory, open
 files and threads after a warm-up, runs the load, lets it settle and measures
 again. Exits 1 if open files or threads differ from the baseline or memory

@@ -3,7 +3,7 @@
 In one run, on this machine: build the floor server (``csrc/bench/floor.c``, a
 minimal libfuse low-level server of the ``zero`` function on the same wire
 format) and the measuring client (``csrc/bench/client.c``); mount the floor
-and dmoverfs on temporary mount points; measure every figure of issue 5 as
+and dmoverfs on temporary mount points; measure every figure as
 medians over alternating runs (A B A B ...); print a table of ratios against
 their targets; write ``bench.json`` (every run of every figure) and
 ``bench.png`` (a chart) into the output directory.
@@ -361,8 +361,8 @@ def start_floor(binary: Path, mount: Mount, mt: bool) -> None:
 
 
 def start_pyfloor(mount: Mount) -> None:
-    """The pyfuse3 floor (dmoverfs.bench_pyfloor): the C core behind the thinnest pyfuse3 handlers."""
-    _start_with_ready_fd([sys.executable, "-m", "dmoverfs.bench_pyfloor", "--ready-fd", "{fd}", str(mount.mountpoint)], mount)
+    """The pyfuse3 floor (dmoverfs.tools.bench_pyfloor): the C core behind the thinnest pyfuse3 handlers."""
+    _start_with_ready_fd([sys.executable, "-m", "dmoverfs.tools.bench_pyfloor", "--ready-fd", "{fd}", str(mount.mountpoint)], mount)
 
 
 def start_dmoverfs(mount: Mount) -> None:
@@ -564,7 +564,7 @@ class Bench:
                     "req/s",
                     p,
                     a,
-                    note="the same C core behind the thinnest pyfuse3 handlers (dmoverfs.bench_pyfloor): "
+                    note="the same C core behind the thinnest pyfuse3 handlers (dmoverfs.tools.bench_pyfloor): "
                     "floor to here is pyfuse3 and trio, here to dmoverfs is dmoverfs's Python layers",
                 )
             )

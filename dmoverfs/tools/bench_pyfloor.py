@@ -12,7 +12,7 @@ It is a measuring aid, not a server: it assumes a read's responses are ready
 (true of small requests, which the core runs at once) and otherwise polls; a
 write the queue cannot take whole returns short.
 
-    python -m dmoverfs.bench_pyfloor [--ready-fd FD] MOUNTPOINT
+    python -m dmoverfs.tools.bench_pyfloor [--ready-fd FD] MOUNTPOINT
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ async def _run() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dmoverfs.bench_pyfloor")
+    parser = argparse.ArgumentParser(prog="python -m dmoverfs.tools.bench_pyfloor")
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("mountpoint")
     args = parser.parse_args(argv)

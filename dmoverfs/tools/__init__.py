@@ -1,0 +1,1 @@
+"""Tools around the server: the benchmark, its pyfuse3 floor, the soak test."""
