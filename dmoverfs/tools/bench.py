@@ -38,7 +38,7 @@ from pathlib import Path
 
 from dmoverfs import __version__, mounting
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # dmoverfs/tools/bench.py -> the checkout
 BENCH_SRC = REPO / "csrc" / "bench"
 INCLUDE_DIR = REPO / "csrc" / "include"
 FLOOR_FSTYPE = "fuse.dmoverfs-floor"
