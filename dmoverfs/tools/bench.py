@@ -362,7 +362,9 @@ def start_floor(binary: Path, mount: Mount, mt: bool) -> None:
 
 def start_pyfloor(mount: Mount) -> None:
     """The pyfuse3 floor (dmoverfs.tools.bench_pyfloor): the C core behind the thinnest pyfuse3 handlers."""
-    _start_with_ready_fd([sys.executable, "-m", "dmoverfs.tools.bench_pyfloor", "--ready-fd", "{fd}", str(mount.mountpoint)], mount)
+    _start_with_ready_fd(
+        [sys.executable, "-m", "dmoverfs.tools.bench_pyfloor", "--ready-fd", "{fd}", str(mount.mountpoint)], mount
+    )
 
 
 def start_dmoverfs(mount: Mount) -> None:
