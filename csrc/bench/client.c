@@ -28,6 +28,13 @@
  *   client inflight PATH N SIZE
  *	one session, N `copy` requests of SIZE bytes (all from one SIZE-byte
  *	source to one SIZE-byte destination) in one write(), then read them back
+ *   client copyref FUNCPATH SIZE SECONDS CHUNK
+ *	one `copy` request of SIZE bytes (separate source and destination) per
+ *	write() and its response per read(), on FUNCPATH (MOUNT/func/copy); then,
+ *	in this process and for as long, the same copy between the same buffers
+ *	through a CHUNK-byte bounce buffer (memcpy in, memcpy out, CHUNK bytes at
+ *	a time: what a server worker does with process_vm_readv/writev).  Prints
+ *	the requests' result with the reference's as "ref": {"ops": ...}
  *
  * PATH is the clone file (MOUNT/dmoverio).  Exit status 0 on success; a
  * failed request or check prints why and exits 1.
@@ -712,6 +719,103 @@ mode_inflight(const char *path, size_t n, size_t size)
 	return 0;
 }
 
+/* --- copyref: a copy request per write and read, against the client's own copy --- */
+
+#define COPYREF_MAX	((size_t)1 << 30)
+
+/*
+ * memcpy through a volatile pointer: the compiler cannot merge the two copies
+ * of a piece into one, nor drop the stores into the bounce buffer.
+ */
+static void *(*volatile copy_bytes)(void *, const void *, size_t) = memcpy;
+
+/* size bytes from src to dst through a chunk-byte bounce buffer. */
+static void
+bounce_copy(unsigned char *dst, const unsigned char *src, unsigned char *bounce, size_t size, size_t chunk)
+{
+	for (size_t off = 0; off < size; off += chunk) {
+		size_t n = size - off < chunk ? size - off : chunk;
+
+		copy_bytes(bounce, src + off, n);
+		copy_bytes(dst + off, bounce, n);
+	}
+}
+
+static int
+mode_copyref(const char *path, uint64_t size_arg, uint64_t dur, uint64_t chunk_arg)
+{
+	struct iovec out_iov, in_iov;
+	dmio_buffer inbuf;
+	unsigned char *src, *dst, *bounce;
+	struct dmio_usrreq req;
+	struct dmio_usrresp resp;
+	struct result r = { 0, 0, 0 }, ref = { 0, 0, 0 };
+	uint64_t t0, t;
+	size_t size, chunk;
+	int fd;
+
+	if (size_arg < 1 || size_arg > COPYREF_MAX)
+		die("copyref: %s", "size out of range", 0);
+	size = (size_t)size_arg;
+	chunk = chunk_arg < 1 || chunk_arg > size_arg ? size : (size_t)chunk_arg;
+	/* func/copy: a session with `copy` already selected. */
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	if (fd == -1)
+		die("open %s", path, errno);
+	src = alloc_touched(size, 0);
+	fill_pattern(src, size, 0x9E3779B97F4A7C15u);
+	dst = alloc_touched(size, 0xee);
+	bounce = alloc_touched(chunk, 0);
+	out_iov = (struct iovec){ dst, size };
+	in_iov = (struct iovec){ src, size };
+	inbuf = (dmio_buffer){ &in_iov, 1 };
+	memset(&req, 0, sizeof(req));
+	req.req_outbuf = (dmio_buffer){ &out_iov, 1 };
+	req.req_inbuf = &inbuf;
+	req.req_id = 10;
+
+	/* Warm-up and check of each side, each into a spoiled destination. */
+	for (int w = 0; w < 3; w++) {
+		write_all(fd, &req, sizeof(req));
+		read_all(fd, &resp, sizeof(resp));
+		check_responses(&resp, 1);
+	}
+	if (resp.resp_id != req.req_id || memcmp(src, dst, size) != 0)
+		die("copyref: %s", "the request's copy differs", 0);
+	memset(dst, 0xee, size);
+	for (int w = 0; w < 3; w++)
+		bounce_copy(dst, src, bounce, size, chunk);
+	if (memcmp(src, dst, size) != 0)
+		die("copyref: %s", "the bounce copy differs", 0);
+
+	t0 = t = now_ns();
+	do {
+		write_all(fd, &req, sizeof(req));
+		read_all(fd, &resp, sizeof(resp));
+		r.ops++;
+		t = now_ns();
+	} while (t - t0 < dur);
+	check_responses(&resp, 1);
+	r.ns = t - t0;
+	r.bytes = r.ops * size;
+
+	t0 = t = now_ns();
+	do {
+		bounce_copy(dst, src, bounce, size, chunk);
+		ref.ops++;
+		t = now_ns();
+	} while (t - t0 < dur);
+	ref.ns = t - t0;
+	ref.bytes = ref.ops * size;
+	close(fd);
+
+	printf("{\"ops\": %" PRIu64 ", \"bytes\": %" PRIu64 ", \"ns\": %" PRIu64 ", "
+	    "\"ref\": {\"ops\": %" PRIu64 ", \"bytes\": %" PRIu64 ", \"ns\": %" PRIu64 "}}\n",
+	    r.ops, r.bytes, r.ns, ref.ops, ref.bytes, ref.ns);
+	fflush(stdout);
+	return 0;
+}
+
 static void
 usage(void)
 {
@@ -721,7 +825,8 @@ usage(void)
 	    "       client bounce SIZE SECONDS CHUNK [CLIENTS]\n"
 	    "       client pvmread SIZE SECONDS CHUNK\n"
 	    "       client sessions PATH N\n"
-	    "       client inflight PATH N SIZE\n");
+	    "       client inflight PATH N SIZE\n"
+	    "       client copyref FUNCPATH SIZE SECONDS CHUNK\n");
 	exit(2);
 }
 
@@ -744,6 +849,8 @@ main(int argc, char **argv)
 		return mode_sessions(argv[2], parse_size(argv[3]));
 	if (strcmp(argv[1], "inflight") == 0 && argc == 5)
 		return mode_inflight(argv[2], parse_size(argv[3]), parse_size(argv[4]));
+	if (strcmp(argv[1], "copyref") == 0 && argc == 6)
+		return mode_copyref(argv[2], parse_size(argv[3]), parse_seconds_ns(argv[4]), parse_size(argv[5]));
 	usage();
 	return 2;
 }
