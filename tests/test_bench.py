@@ -30,6 +30,8 @@ TARGETED = {"1": 0.8, "2": 0.6, "3": 0.8, "4": 0.8, "5": 0.6, "7": 1.5}
 EXPECTED_KEYS = set(
     "1 1p 2 2p 3 4 5 5b 6-xor2 6-xor8 6-xor16 6-fill8 7 7k 9-idle 9-idle-after 9-sessions 9-sessions-closed".split()
 ) | {"8-ctypes.memset", "8-ctypes.memmove", "8-numpy xor2", "8-numpy xor16", "8-google-crc32c"}
+#: Ratios reported with no target: figure 10, one per copy size.
+REPORTED = {"10-256KiB": 256 << 10, "10-1MiB": 1 << 20}
 
 
 def bench_env(tmp_path: Path) -> dict[str, str]:
@@ -80,14 +82,19 @@ def test_quick_run_writes_table_json_and_png(tmp_path):
     assert data["settings"]["quick"] is True
     assert data["machine"]["cpus"] >= 1
     figures = {f["key"]: f for f in data["figures"]}
-    assert EXPECTED_KEYS <= set(figures), sorted(EXPECTED_KEYS - set(figures))
+    assert EXPECTED_KEYS | set(REPORTED) <= set(figures), sorted(EXPECTED_KEYS | set(REPORTED) - set(figures))
+    assert [f["group"] for f in data["figures"]] == sorted(f["group"] for f in data["figures"])
     assert any(k.startswith("9-inflight-") for k in figures)
     for key, fig in figures.items():
         value = fig["value"]
         assert value["runs"] and all(math.isfinite(v) and v > 0 for v in value["runs"]), key
         assert value["median"] > 0, key
-        if key in ("1p", "2p", "7k"):
+        if key in ("1p", "2p", "7k") or key in REPORTED:
             assert fig["ratio"] == pytest.approx(value["median"] / fig["reference"]["median"])
+        if key in REPORTED:
+            assert fig["op_bytes"] == REPORTED[key]
+            assert fig["ops_per_s"]["value"] == pytest.approx(value["median"] * 1e6 / REPORTED[key])
+            assert fig["ops_per_s"]["reference"] == pytest.approx(fig["reference"]["median"] * 1e6 / REPORTED[key])
         if key in TARGETED:
             assert fig["target"] == TARGETED[key]
             assert fig["reference"]["median"] > 0
@@ -104,6 +111,10 @@ def test_quick_run_writes_table_json_and_png(tmp_path):
         row = next(r for r in rows if r.split("  ")[0].strip() == key)
         assert f"{figures[key]['ratio']:.2f}" in row
         assert row.rstrip().endswith("ok" if figures[key]["met"] else "MISS")
+    rows_10 = [r for r in rows if r.split("  ")[0].strip() == "10"]
+    assert len(rows_10) == len(REPORTED)
+    for row, key in zip(rows_10, REPORTED):
+        assert f"{figures[key]['ratio']:.2f}" in row and "req/s" in row and "copies/s" in row
 
     png = (out / "bench.png").read_bytes()
     assert png.startswith(PNG_MAGIC)

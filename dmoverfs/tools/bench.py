@@ -3,7 +3,7 @@
 In one run, on this machine: build the floor server (``csrc/bench/floor.c``, a
 minimal libfuse low-level server of the ``zero`` function on the same wire
 format) and the measuring client (``csrc/bench/client.c``); mount the floor
-and dmoverfs on temporary mount points; measure every figure as
+and dmoverfs on temporary mount points; measure every figure (1 to 10) as
 medians over alternating runs (A B A B ...); print a table of ratios against
 their targets; write ``bench.json`` (every run of every figure) and
 ``bench.png`` (a chart) into the output directory.
@@ -45,6 +45,7 @@ FLOOR_FSTYPE = "fuse.dmoverfs-floor"
 PYFLOOR_FSTYPE = "fuse.dmoverfs-pyfloor"
 CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra"]
 MiB = 1 << 20
+FIGURES = range(1, 11)  # the figure numbers
 
 
 class BenchError(Exception):
@@ -116,14 +117,17 @@ class Settings:
     inflight: int = 64  # figure 9: requests in flight ...
     inflight_size: int = 64 * MiB  # ... of this size
     inflight_small: int = 1 * MiB  # ... and the same with small ones, for contrast
+    copy_sizes: tuple[int, ...] = (256 << 10, 1 * MiB)  # figure 10: one copy request per write, against memcpy
     floor_mt: bool = False  # serve the floor with fuse_session_loop_mt
-    only: frozenset[int] = frozenset(range(1, 10))
+    only: frozenset[int] = frozenset(FIGURES)
     quick: bool = False
 
 
 QUICK = dict(rounds=1, seconds=0.02, size=1 * MiB, sessions=50, inflight=8, inflight_size=4 * MiB, inflight_small=256 << 10)
 
 TARGETS = {1: 0.8, 2: 0.6, 3: 0.8, 4: 0.8, 5: 0.6, 7: 1.5}
+#: Figures whose ratio is reported (table and chart) with no target yet.
+REPORTED = {10}
 
 
 @dataclass
@@ -155,10 +159,13 @@ class Figure:
     note: str = ""
     #: False for side-by-side values whose quotient means nothing (memory).
     compare: bool = True
+    #: Bytes per request (and per reference copy) of a MB/s figure: the table
+    #: and the JSON then also give requests (copies) per second.
+    op_bytes: int | None = None
 
     @property
     def label(self) -> str:
-        """The figure's number as the table shows it (1 ... 9, 5b)."""
+        """The figure's number as the table shows it (1 ... 10, 5b)."""
         return self.key if self.key[0].isdigit() and "-" not in self.key else self.key.split("-")[0]
 
     @property
@@ -186,7 +193,18 @@ class Figure:
             "target": self.target,
             "met": self.met,
             "note": self.note,
+            "op_bytes": self.op_bytes,
+            "ops_per_s": None if self.op_bytes is None else self.ops_per_s(),
         }
+
+    def ops_per_s(self) -> dict[str, float | None]:
+        """Medians in requests (copies) per second, for a figure with :attr:`op_bytes`."""
+        assert self.op_bytes is not None
+
+        def per_s(ser: Series | None) -> float | None:
+            return None if ser is None else ser.median * 1e6 / self.op_bytes  # MB/s -> per second
+
+        return {"value": per_s(self.value), "reference": per_s(self.reference)}
 
 
 # -- progress ----------------------------------------------------------------------------
@@ -302,6 +320,10 @@ class Mount:
     @property
     def clone(self) -> str:
         return str(self.mountpoint / "dmoverio")
+
+    def func_file(self, name: str) -> str:
+        """The clone file that opens a session with function *name* selected (dmoverfs only)."""
+        return str(self.mountpoint / "func" / name)
 
     @property
     def pid(self) -> int:
@@ -501,6 +523,13 @@ class Bench:
         r = self.client("pvmread", self.s.size, self.s.seconds, chunk)
         return r["bytes"] / r["ns"] * 1e3
 
+    def copyref(self, mount: Mount, size: int) -> tuple[float, float]:
+        """One ``copy`` request of *size* per write and read on *mount*'s ``func/copy``, then the
+        same copy in the client through a bounce buffer of the chunk size; (MB/s, reference MB/s)."""
+        r = self.client("copyref", mount.func_file("copy"), size, self.s.seconds, self.s.chunk)
+        ref = r["ref"]
+        return r["bytes"] / r["ns"] * 1e3, ref["bytes"] / ref["ns"] * 1e3
+
     # -- measuring
 
     def alternate(self, title: str, series: list[tuple[Series, Callable[[], float]]], unit: str) -> None:
@@ -513,10 +542,25 @@ class Bench:
                 self.progress.step()
                 self.progress.show(title, f"{ser.name} {fmt(value, unit)}")
 
+    def alternate_pairs(
+        self, title: str, pairs: list[tuple[str, Series, Series, Callable[[], tuple[float, float]]]], unit: str
+    ) -> None:
+        """Like :meth:`alternate`, for runs that measure a value and its reference together:
+        (what, value, reference, run) for each, *what* naming the pair in the progress line."""
+        for rnd in range(self.s.rounds):
+            for what, value, reference, fn in pairs:
+                self.progress.show(title, f"{what} run {rnd + 1}/{self.s.rounds}")
+                v, ref = fn()
+                value.runs.append(v)
+                reference.runs.append(ref)
+                self.progress.step()
+                self.progress.show(title, f"{what}: {value.name} {fmt(v, unit)}, {reference.name} {fmt(ref, unit)}")
+
     def plan(self) -> list[tuple[int, int]]:
         """(group, runs) of what will be measured, for the progress display."""
         r = self.s.rounds
         runs = {1: 3 * r, 2: 3 * r, 3: 2 * r, 4: 2 * r, 5: 3 * r, 6: 4 * r, 7: 4 * r, 8: 5 * r, 9: 6}
+        runs[10] = len(self.s.copy_sizes) * r  # one client run gives both series
         return [(g, runs[g]) for g in sorted(self.s.only)]
 
     def run(self) -> list[Figure]:
@@ -655,10 +699,42 @@ class Bench:
             )
         if 8 in only:
             self.python_peers()
+        if 10 in only:  # before 9, whose "idle after the figures above" covers it
+            self.copy_requests()
         if 9 in only:
             self.memory(idle_rss, floor_idle_rss)
         self.progress.finish()
+        self.figures.sort(key=lambda f: f.group)  # stable: the table in figure order
         return self.figures
+
+    # -- figure 10: a copy request per write, waiting for a worker, against the client's own copy
+
+    def copy_requests(self) -> None:
+        """Each size: dmoverfs against the same copy done in the client through a bounce buffer."""
+        assert self.dmoverfs is not None
+        dm = self.dmoverfs
+        chunk = human_size(self.s.chunk)
+        pairs = []
+        for size in self.s.copy_sizes:
+            value, reference = Series("dmoverfs"), Series(f"client memcpy, {chunk} bounce")
+            pairs.append((human_size(size), value, reference, functools.partial(self.copyref, dm, size)))
+        sizes = " and ".join(human_size(size) for size in self.s.copy_sizes)
+        self.alternate_pairs(f"fig 10: {sizes} copy requests", pairs, "MB/s")
+        for size, (_, value, reference, _) in zip(self.s.copy_sizes, pairs):
+            self.figures.append(
+                Figure(
+                    f"10-{human_size(size).replace(' ', '')}",
+                    10,
+                    f"{human_size(size)} copy (1 per write / 1 per read, on a worker thread)",
+                    "MB/s",
+                    value,
+                    reference,
+                    note=f"func/copy, one request per write() and its response per read(), done by a worker thread; "
+                    f"reference: the same buffers copied in the client with memcpy through a {chunk} bounce buffer, "
+                    "measured in the same process after the requests",
+                    op_bytes=size,
+                )
+            )
 
     # -- figure 8: what a Python user would otherwise reach for
 
@@ -851,6 +927,14 @@ def fmt(value: float, unit: str) -> str:
     return f"{value:,.0f} {unit}"
 
 
+def fmt_cell(fig: Figure, ser: Series, per: str) -> str:
+    """A median for the table; with its rate per second (*per*: "req", "copies") when the figure has one."""
+    text = fmt(ser.median, fig.unit)
+    if fig.op_bytes is not None and ser.median == ser.median:
+        text += f" ({ser.median * 1e6 / fig.op_bytes:,.0f} {per}/s)"
+    return text
+
+
 def machine_info(dm: Mount) -> dict:
     cpu = ""
     try:
@@ -903,8 +987,8 @@ def table(figures: list[Figure], info: dict, settings: Settings) -> str:
             (
                 fig.label,
                 fig.title,
-                fmt(fig.value.median, fig.unit),
-                "" if ref is None else fmt(ref.median, fig.unit),
+                fmt_cell(fig, fig.value, "req"),
+                "" if ref is None else fmt_cell(fig, ref, "copies"),
                 "" if ref is None else ref.name,
                 "" if ratio is None else f"{ratio:.2f}",
                 "" if fig.target is None else f">= {fig.target:g}",
@@ -933,19 +1017,20 @@ def chart(figures: list[Figure], path: Path, title: str) -> None:
     (ax_ratio, ax_tp), (ax_small, ax_mem) = axes
     fig.suptitle(title, fontsize=11)
 
-    targeted = [f for f in figures if f.target is not None and f.ratio is not None]
+    targeted = [f for f in figures if (f.target is not None or f.group in REPORTED) and f.ratio is not None]
     if targeted:
         labels = [f"{f.label}: {f.title}" for f in targeted]
         ratios = [f.ratio for f in targeted]
-        colors = ["tab:green" if f.met else "tab:red" for f in targeted]
+        colors = ["tab:gray" if f.met is None else "tab:green" if f.met else "tab:red" for f in targeted]
         y = range(len(targeted))
         ax_ratio.barh(list(y), ratios, color=colors)
         for i, f in enumerate(targeted):
-            ax_ratio.plot([f.target, f.target], [i - 0.4, i + 0.4], color="black", linewidth=2)
+            if f.target is not None:
+                ax_ratio.plot([f.target, f.target], [i - 0.4, i + 0.4], color="black", linewidth=2)
             ax_ratio.text(f.ratio, i, f" {f.ratio:.2f}", va="center", fontsize=8)
         ax_ratio.set_yticks(list(y), labels, fontsize=8)
         ax_ratio.invert_yaxis()
-    ax_ratio.set_title("ratio to reference (black: target)", fontsize=10)
+    ax_ratio.set_title("ratio to reference (black: target; gray: no target yet)", fontsize=10)
 
     tp: list[tuple[str, float, str]] = []
     for f in figures:
@@ -1074,7 +1159,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (figures not meaningful)")
     parser.add_argument("--rounds", type=int, help="alternating runs per series (default 5)")
     parser.add_argument("--seconds", type=float, help="timed part of each run (default 0.5)")
-    parser.add_argument("--only", help="comma-separated figure numbers to run (default all, 1-9)")
+    parser.add_argument("--only", help="comma-separated figure numbers to run (default all, 1-10)")
     parser.add_argument("--floor-mt", action="store_true", help="serve the floor with fuse_session_loop_mt (default one thread)")
 
 
@@ -1091,8 +1176,8 @@ def main(args: argparse.Namespace) -> int:
             only = frozenset(int(x) for x in args.only.split(","))
         except ValueError:
             raise SystemExit("dmoverfs bench: --only takes figure numbers, e.g. 1,2,9") from None
-        if not only <= set(range(1, 10)):
-            raise SystemExit("dmoverfs bench: figures are numbered 1 to 9")
+        if not only <= set(FIGURES):
+            raise SystemExit(f"dmoverfs bench: figures are numbered {FIGURES[0]} to {FIGURES[-1]}")
         given["only"] = only
     given["floor_mt"] = bool(args.floor_mt)
     settings = Settings(**given)
