@@ -562,7 +562,14 @@ SHIM_EXPORT int
 fclose(FILE *stream)
 {
 	fclose_fn next = REAL(fclose_fn, R_FCLOSE);
-	int fd = stream != NULL ? fileno(stream) : -1;
+	/*
+	 * A NULL stream goes to libc's fclose untouched.  glibc >= 2.41
+	 * declares the argument non-null, which lets the compiler drop a test
+	 * of it (and warn about one): the test is made on a copy it cannot
+	 * reason about.
+	 */
+	FILE *volatile any = stream;
+	int fd = any != NULL ? fileno(any) : -1;
 	int r, saved;
 
 	if (next == NULL) {	/* cannot happen with a libc; be explicit */
