@@ -113,6 +113,18 @@ def test_model_catches_a_faulty_core(fuzzer, tmp_path, seed, sabotage):
     assert "MODEL MISMATCH" in proc.stderr, tail(proc)
 
 
+def test_window_address_is_the_same_everywhere():
+    """The harness, the seeds and the dictionary place the client window at one address."""
+    harness = re.search(r"^#define WIN\s+\(\(uint64_t\)(0x[0-9a-fA-F]+)\)", (FUZZ / "fuzz_decode.c").read_text(), re.M)
+    assert harness is not None, "fuzz_decode.c: no #define WIN"
+    win = int(harness.group(1), 16)
+    seeds = re.search(r"^WIN = (0x[0-9a-fA-F]+)", (FUZZ / "make_seeds.py").read_text(), re.M)
+    assert seeds is not None and int(seeds.group(1), 16) == win
+    entries = dict(re.findall(r'^(\w+)="(.*)"$', (FUZZ / "fuzz_decode.dict").read_text(), re.M))
+    stub = entries["stub"].encode().decode("unicode_escape").encode("latin-1")
+    assert int.from_bytes(stub, "little") == win
+
+
 def test_seed_corpus_is_what_make_seeds_writes(tmp_path):
     subprocess.run([sys.executable, str(FUZZ / "make_seeds.py"), str(tmp_path)], check=True, capture_output=True)
     fresh = {p.name: p.read_bytes() for p in tmp_path.glob("*.bin")}

@@ -14,7 +14,7 @@ import struct
 import sys
 from pathlib import Path
 
-WIN = 0x500000000000
+WIN = 0x300000000000  # as in fuzz_decode.c
 STUB = WIN
 HOLE = WIN + 0x1000
 RW = WIN + 0x2000
