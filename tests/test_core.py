@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import importlib.machinery
-import importlib.util
 import mmap
 import os
 import re
@@ -22,27 +20,31 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import google_crc32c
 import numpy as np
 import pytest
+from core_harness import (
+    IOV_MAX,
+    UNMAPPED,
+    Core,
+    Mem,
+    Resp,
+    Sess,
+    addr,
+    assert_consistent,
+    build_core_module,
+    core_module,
+    pack_req,
+    until,
+    whole,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-REPO = Path(__file__).resolve().parent.parent
-REQ = struct.Struct("<QI4x8sQI4x")  # struct dmio_usrreq
-RESP = struct.Struct("<Ii8s")  # struct dmio_usrresp
-DMBUF = struct.Struct("<QI4x")  # dmio_buffer
-IOV_MAX = 1024
 SSIZE_MAX = 2**63 - 1
-UNMAPPED = 0x100  # in page 0, which nothing maps
 GUARD = 0xA5  # fill of the gaps around scattered pieces
-
-Segment = tuple[int, int]  # (address, length)
 
 XOR_FUNCS = [f"xor{n}" for n in range(2, 17)]
 ALL_FUNCS = ["zero", "fill8", "copy", *XOR_FUNCS, "iscsi-crc32c", "fill64", "compare", "copy-crc32c"]
@@ -51,202 +53,17 @@ ALL_FUNCS = ["zero", "fill8", "copy", *XOR_FUNCS, "iscsi-crc32c", "fill64", "com
 # --- building and loading the module ----------------------------------------
 
 
-def _builder():
-    spec = importlib.util.spec_from_file_location("dmoverfs_build_core", REPO / "csrc" / "build_core.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
-
-
-def load_core_module(path: Path):
-    """Import a built _core extension from an arbitrary path."""
-    loader = importlib.machinery.ExtensionFileLoader("_core", str(path))
-    spec = importlib.util.spec_from_file_location("_core", str(path), loader=loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def core_so(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("core-build")
-    return Path(_builder().make_builder().compile(tmpdir=str(tmp)))
+    return build_core_module(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def cm(core_so):
-    return load_core_module(core_so)
+    return core_module(core_so)
 
 
-# --- wrappers around the C API ----------------------------------------------
-
-
-class Resp(NamedTuple):
-    id: int
-    error: int
-    imm: bytes
-
-
-class Core:
-    """One dm_core, created with the given tunables and kernel choice."""
-
-    def __init__(self, cm, *, workers=2, chunk=256 << 10, inline=64 << 10, max_requests=0, max_meta=0, kernels=None):
-        self.cm, self.ffi, self.lib = cm, cm.ffi, cm.lib
-        cfg = self.ffi.new(
-            "struct dm_config *",
-            dict(
-                workers=workers,
-                chunk_bytes=chunk,
-                inline_bytes=inline,
-                max_requests=max_requests,
-                max_meta_bytes=max_meta,
-            ),
-        )
-        err = self.ffi.new("int *")
-        saved = os.environ.pop("DMOVERFS_KERNELS", None)
-        if kernels is not None:
-            os.environ["DMOVERFS_KERNELS"] = kernels
-        try:
-            ptr = self.lib.dm_core_new(cfg, err)
-        finally:
-            os.environ.pop("DMOVERFS_KERNELS", None)
-            if saved is not None:
-                os.environ["DMOVERFS_KERNELS"] = saved
-        if ptr == self.ffi.NULL:
-            raise OSError(err[0], os.strerror(err[0]))
-        self.ptr = ptr
-        self.sessions: list[Sess] = []
-        self._next_id = 1
-
-    def free(self) -> None:
-        if self.ptr is not None:
-            self.lib.dm_core_free(self.ptr)
-            self.ptr = None
-            for s in self.sessions:
-                s.ptr = None  # freed with the core
-
-    @property
-    def eventfd(self) -> int:
-        return self.lib.dm_core_eventfd(self.ptr)
-
-    @property
-    def kernels(self) -> str:
-        return self.ffi.string(self.lib.dm_core_kernels(self.ptr)).decode()
-
-    def session(self, func: str | None, depth: int = 64, pid: int | None = None, pidfd: int | None = None) -> Sess:
-        pid = os.getpid() if pid is None else pid
-        pidfd = os.pidfd_open(pid) if pidfd is None else pidfd
-        sid = self._next_id
-        self._next_id += 1
-        ptr = self.lib.dm_sess_new(self.ptr, sid, pid, pidfd, depth)
-        if ptr == self.ffi.NULL:
-            os.close(pidfd)
-            raise OSError(errno.ENOMEM, "dm_sess_new failed")
-        s = Sess(self, ptr, sid)
-        self.sessions.append(s)
-        if func is not None:
-            assert s.setfunc(func) == 0
-        return s
-
-    def drain(self, max_ids: int = 64) -> list[int]:
-        ids = self.ffi.new("uint64_t[]", max_ids)
-        n = self.lib.dm_core_drain(self.ptr, ids, max_ids)
-        return list(ids[0:n])
-
-    def stats(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-        total = self.ffi.new("struct dm_core_stats *")
-        nfunc = self.lib.dm_func_count()
-        per = self.ffi.new("struct dm_func_stats[]", nfunc)
-        self.lib.dm_core_stats(self.ptr, total, per, nfunc)
-        core = {
-            k: getattr(total, k)
-            for k in (
-                "outstanding",
-                "executing",
-                "meta_bytes",
-                "inline_runs",
-                "worker_runs",
-                "refused_limits",
-                "executing_bytes",
-                "run_bytes",
-                "busy_ns",
-                "external",
-            )
-        }
-        funcs = {
-            self.ffi.string(self.lib.dm_func_name(i)).decode(): {
-                k: getattr(per[i], k) for k in ("submitted", "completed", "failed", "bytes")
-            }
-            for i in range(nfunc)
-        }
-        return core, funcs
-
-    def idle(self) -> bool:
-        core, _ = self.stats()
-        return core["outstanding"] == core["executing"] == core["meta_bytes"] == 0
-
-    def wait_idle(self) -> dict[str, int]:
-        """Until nothing is outstanding, executing or held; the final counters."""
-        until(self.idle, "the core never became idle")
-        return self.stats()[0]
-
-
-class Sess:
-    """One dm_sess of a Core."""
-
-    def __init__(self, core: Core, ptr, sid: int) -> None:
-        self.core, self.ptr, self.id = core, ptr, sid
-        self.lib, self.ffi = core.lib, core.ffi
-
-    def setfunc(self, func: str | int) -> int:
-        index = func if isinstance(func, int) else self.lib.dm_func_lookup(func.encode())
-        return self.lib.dm_sess_setfunc(self.ptr, index)
-
-    def submit(self, reqs: Sequence[bytes]) -> tuple[int, int]:
-        """(accepted, errno)."""
-        err = self.ffi.new("int *")
-        data = b"".join(reqs)
-        n = self.lib.dm_sess_submit(self.ptr, data, len(reqs), err)
-        return n, err[0]
-
-    def take(self, max_resps: int = 1 << 16) -> list[Resp]:
-        buf = self.ffi.new("char[]", max_resps * RESP.size)
-        n = self.lib.dm_sess_take(self.ptr, buf, max_resps)
-        raw = self.ffi.unpack(buf, n * RESP.size)
-        return [Resp(*RESP.unpack_from(raw, i * RESP.size)) for i in range(n)]
-
-    def counts(self) -> tuple[int, int]:
-        """(outstanding, ready)."""
-        c = self.ffi.new("unsigned[2]")
-        self.lib.dm_sess_counts(self.ptr, c, c + 1)
-        return c[0], c[1]
-
-    def close(self) -> None:
-        if self.ptr is not None:
-            self.lib.dm_sess_close(self.ptr)
-            self.ptr = None
-
-    def wait(self, n: int, timeout: float = 60.0) -> None:
-        """Until n responses are ready.  Worker completions must be announced
-        on the eventfd: this waits on it, never on the counts alone."""
-        deadline = time.monotonic() + timeout
-        while self.counts()[1] < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                pytest.fail(f"session {self.id}: {self.counts()} after {timeout}s, wanted {n} ready")
-            readable, _, _ = select.select([self.core.eventfd], [], [], left)
-            if readable:
-                self.core.drain()
-
-    def run(self, reqs: Sequence[bytes]) -> dict[int, Resp]:
-        """Submit everything, wait, take: responses by request id."""
-        assert self.submit(reqs) == (len(reqs), 0)
-        self.wait(len(reqs))
-        resps = self.take()
-        assert len(resps) == len(reqs)
-        assert self.counts() == (0, 0)
-        return {r.id: r for r in resps}
+# --- cores made for one test -----------------------------------------------
 
 
 @pytest.fixture
@@ -267,50 +84,6 @@ def make_core(cm):
 
 
 # --- client memory ----------------------------------------------------------
-
-
-class Mem:
-    """Buffers, iovec arrays and dmio_buffer arrays in this process, kept alive."""
-
-    def __init__(self) -> None:
-        self._keep: list[np.ndarray] = []
-
-    def buf(self, size_or_data) -> np.ndarray:
-        if isinstance(size_or_data, int):
-            arr = np.zeros(size_or_data, dtype=np.uint8)
-        else:
-            arr = np.frombuffer(bytes(size_or_data), dtype=np.uint8).copy()
-        self._keep.append(arr)
-        return arr
-
-    def iovecs(self, segs: Sequence[Segment]) -> int:
-        arr = np.array(list(segs) or [(0, 0)], dtype=np.uint64).reshape(-1, 2)
-        self._keep.append(arr)
-        return arr.ctypes.data
-
-    def dmbufs(self, lists: Sequence[tuple[int, int]]) -> int:
-        """Address of an array of dmio_buffer {iov address, iovcnt}."""
-        raw = b"".join(DMBUF.pack(a, n) for a, n in lists)
-        return self.buf(raw or b"\0" * DMBUF.size).ctypes.data
-
-    def request(
-        self, out: Sequence[Segment] | None = None, ins: Sequence[Sequence[Segment]] = (), imm: bytes = b"", req_id: int = 0
-    ) -> bytes:
-        out_iov = self.iovecs(out) if out else 0
-        inbuf = self.dmbufs([(self.iovecs(segs), len(segs)) for segs in ins]) if ins else 0
-        return pack_req(out_iov, len(out) if out else 0, imm, inbuf, req_id)
-
-
-def pack_req(out_iov: int = 0, out_cnt: int = 0, imm: bytes = b"", inbuf: int = 0, req_id: int = 0) -> bytes:
-    return REQ.pack(out_iov, out_cnt, imm.ljust(8, b"\0"), inbuf, req_id)
-
-
-def addr(arr: np.ndarray) -> int:
-    return arr.ctypes.data
-
-
-def whole(arr: np.ndarray) -> list[Segment]:
-    return [(addr(arr), arr.nbytes)]
 
 
 class Region:
@@ -353,24 +126,6 @@ def random_bytes(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def le32(value: int) -> bytes:
     return struct.pack("<I", value)
-
-
-def until(predicate, what: str, timeout: float = 60.0) -> None:
-    """Poll predicate; fail (never hang) if it stays false."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(what)
-        time.sleep(0.001)
-
-
-def assert_consistent(core: Core) -> None:
-    """Nothing held, and every submitted request accounted for exactly once."""
-    stats, funcs = core.stats()
-    assert (stats["outstanding"], stats["executing"], stats["meta_bytes"]) == (0, 0, 0)
-    assert (stats["executing_bytes"], stats["external"]) == (0, 0)
-    for name, f in funcs.items():
-        assert f["submitted"] == f["completed"] + f["failed"], name
 
 
 PATHS = {"inline": 1 << 62, "worker": 0}  # inline_bytes that forces each path
