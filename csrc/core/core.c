@@ -40,11 +40,24 @@ worker_main(void *arg)
 		struct dm_req *r;
 
 		pthread_mutex_lock(&c->qmu);
-		while (c->qhead == NULL && !atomic_load(&c->stopping))
+		while (c->qhead == NULL && c->phead == NULL && !atomic_load(&c->stopping))
 			pthread_cond_wait(&c->qcv, &c->qmu);
 		if (atomic_load(&c->stopping)) {
 			pthread_mutex_unlock(&c->qmu);
 			return NULL;
+		}
+		if (c->phead != NULL) {
+			/* Writes waiting to be submitted come before requests to run. */
+			dm_sess *s = c->phead;
+
+			c->phead = s->pnext;
+			if (c->phead == NULL)
+				c->ptail = &c->phead;
+			s->pump_queued = false;
+			pthread_mutex_unlock(&c->qmu);
+			dm_io_pump(s, w->x);
+			dm_sess_unref(s);
+			continue;
 		}
 		r = c->qhead;
 		c->qhead = r->next;
@@ -106,8 +119,11 @@ dm_core_new(const struct dm_config *cfg, int *err)
 	pthread_mutex_init(&c->qmu, NULL);
 	pthread_cond_init(&c->qcv, NULL);
 	pthread_mutex_init(&c->mu, NULL);
+	pthread_mutex_init(&c->iomu, NULL);
+	pthread_cond_init(&c->watchcv, NULL);
 	c->qtail = &c->qhead;
 	c->xtail = &c->xhead;
+	c->ptail = &c->phead;
 
 	if ((e = dm_kernels_init(&c->kern, getenv("DMOVERFS_KERNELS"))) != 0)
 		goto fail;
@@ -128,6 +144,8 @@ dm_core_new(const struct dm_config *cfg, int *err)
 	}
 	if ((e = start_workers(c)) != 0)
 		goto fail;
+	if (c->cfg.transport && (e = dm_io_start(c)) != 0)
+		goto fail;
 	return c;
 fail:
 	dm_core_free(c);
@@ -140,6 +158,7 @@ dm_core_free(dm_core *c)
 {
 	if (c == NULL)
 		return;
+	dm_io_stop(c);
 	pthread_mutex_lock(&c->qmu);
 	atomic_store(&c->stopping, true);	/* running requests stop at their next transfer */
 	pthread_cond_broadcast(&c->qcv);
@@ -161,6 +180,14 @@ dm_core_free(dm_core *c)
 		c->xall = r->xnext;
 		free(r);
 	}
+	/* Sessions whose writes waited for a pump: their references go with them. */
+	while (c->phead != NULL) {
+		dm_sess *s = c->phead;
+
+		c->phead = s->pnext;
+		s->pump_queued = false;
+	}
+	dm_io_free_all(c);
 	while (c->sessions != NULL)
 		dm_sess_destroy(c->sessions);
 
@@ -175,6 +202,8 @@ dm_core_free(dm_core *c)
 		munmap((void *)c->zeros, c->cfg.chunk_bytes);
 	dm_kernels_fini(&c->kern);
 	pthread_mutex_destroy(&c->mu);
+	pthread_mutex_destroy(&c->iomu);
+	pthread_cond_destroy(&c->watchcv);
 	pthread_cond_destroy(&c->qcv);
 	pthread_mutex_destroy(&c->qmu);
 	pthread_mutex_destroy(&c->submit_mu);
@@ -228,6 +257,36 @@ dm_core_enqueue(dm_core *c, struct dm_req *r)
 	c->qtail = &r->next;
 	pthread_cond_signal(&c->qcv);
 	pthread_mutex_unlock(&c->qmu);
+}
+
+void
+dm_core_enqueue_pump(dm_core *c, dm_sess *s)
+{
+	dm_sess_ref(s);
+	pthread_mutex_lock(&c->qmu);
+	if (s->pump_queued) {
+		pthread_mutex_unlock(&c->qmu);
+		dm_sess_unref(s);
+		return;
+	}
+	s->pump_queued = true;
+	s->pnext = NULL;
+	*c->ptail = s;
+	c->ptail = &s->pnext;
+	pthread_cond_signal(&c->qcv);
+	pthread_mutex_unlock(&c->qmu);
+}
+
+struct dm_exec *
+dm_core_exec_new(dm_core *c)
+{
+	return dm_exec_new(c, c->cfg.chunk_bytes);
+}
+
+void
+dm_core_exec_free(struct dm_exec *x)
+{
+	dm_exec_free(x);
 }
 
 /* Call under c->mu. */
@@ -361,6 +420,9 @@ dm_core_park(dm_core *c, struct dm_req *r)
 		c->xall->xprev = r;
 	c->xall = r;
 	pthread_mutex_unlock(&c->mu);
+	/* Under the transport nobody else tells the server's dispatcher. */
+	if (c->cfg.transport)
+		dm_core_signal(c);
 }
 
 void

@@ -2,12 +2,13 @@
  * dmcore.h - the data-moving core of dmoverfs, as seen by the Python server.
  *
  * The server owns one dm_core (worker threads, bounce buffers, counters) and
- * one dm_sess per session.  dm_sess_submit*, dm_sess_take* and dm_sess_poke
- * may come from two server threads at once (the event loop and the FUSE fast
- * path: submissions are serialised inside); the other dm_sess_* calls and
- * dm_core_drain come from the event loop only, and dm_sess_close only once
- * no other thread can still use the session.  Worker threads only complete
- * requests.
+ * one dm_sess per session.  The server's transport hands each session read,
+ * write and poll of the kernel to dm_sess_call_read / _write / _poll, from
+ * any of its threads; the core decides there, once, whether to answer now,
+ * fail or wait, parks what waits, and answers through the sink when the
+ * session changes, when the kernel interrupts the call, or at shutdown.
+ * The other dm_sess_* calls come from the control plane, and dm_sess_close
+ * only once no call of the session can still arrive.
  *
  * Life of a request: dm_sess_submit() decodes and validates it (reading the
  * iovec arrays from the client with process_vm_readv), then either runs it at
@@ -36,6 +37,25 @@ struct dm_config {
 	size_t inline_bytes;		/* requests moving at most this run in the submitting thread */
 	uint64_t max_requests;		/* global cap on outstanding requests, 0 = none */
 	uint64_t max_meta_bytes;	/* global cap on decoded request metadata, 0 = none */
+	int transport;			/* 1: sessions are served through dm_sess_call_* (completions
+					 * wake those calls; the eventfd announces only external
+					 * requests and EPERM); 0: completions are announced */
+};
+
+/* What the core's calls did, cumulative unless noted. */
+struct dm_io_stats {
+	uint64_t reads;			/* session reads answered */
+	uint64_t writes;		/* session writes answered */
+	uint64_t polls;			/* polls answered */
+	uint64_t errors;		/* reads and writes answered with an error */
+	uint64_t parked_reads;		/* reads that had to wait */
+	uint64_t parked_writes;		/* writes that had to wait */
+	uint64_t waiting_reads;		/* reads waiting now */
+	uint64_t waiting_writes;	/* writes waiting now */
+	uint64_t interrupts;		/* FUSE_INTERRUPTs for live calls */
+	uint64_t interrupts_eintr;	/* of those, ended by a handled or fatal signal */
+	uint64_t interrupts_ignored;	/* of those, for a signal that runs no handler: still waiting */
+	uint64_t poll_wakeups;		/* poll notifications sent */
 };
 
 /* Counters per function, cumulative. */
@@ -115,24 +135,24 @@ int dm_sess_setfunc(dm_sess *s, int func);
  * EAGAIN from a global cap; ENXIO when no function is set).
  */
 size_t dm_sess_submit(dm_sess *s, const void *reqs, size_t nreq, int *err);
-/* Like dm_sess_submit, but all or nothing as far as room goes: accepts
- * nothing (0, *err 0) unless the session has room for all nreq requests.
- * Validation errors still stop it after the valid leading requests. */
-size_t dm_sess_submit_whole(dm_sess *s, const void *reqs, size_t nreq, int *err);
 /* Move up to max ready responses (16 bytes each) into resps; returns how many. */
 size_t dm_sess_take(dm_sess *s, void *resps, size_t max);
-/* The same, but nothing unless at least min are ready. */
-size_t dm_sess_take_if(dm_sess *s, void *resps, size_t max, size_t min);
-/*
- * Submissions and takes that another thread makes (the server's FUSE fast
- * path) are not announced, except on a watched session: dm_sess_poke() then
- * puts it on the eventfd's list, as a worker's completion does.  The server
- * watches a session while someone waits on it.
- */
-void dm_sess_watch(dm_sess *s, int on);
-void dm_sess_poke(dm_sess *s);
 /* Outstanding (accepted, not yet taken) and ready (completed, not yet taken). */
 void dm_sess_counts(dm_sess *s, unsigned *outstanding, unsigned *ready);
+/* The nonblock attribute (FIONBIO): every call of the session is non-blocking. */
+void dm_sess_set_nonblock(dm_sess *s, int on);
+int dm_sess_nonblock(dm_sess *s);
+/* Times in ns since the epoch: [0] last read, [1] last write, [2] open. */
+void dm_sess_times(dm_sess *s, int64_t *times);
+/* 1 once after a write of the session met EPERM (the server explains it). */
+int dm_sess_take_eperm(dm_sess *s);
+/* Calls waiting now: [0] reads, [1] writes, [2] poll handles. */
+void dm_sess_waiting(dm_sess *s, unsigned *counts);
+
+/* Shutting down: answer every waiting call with ENXIO and wake every
+ * poller; from now on calls fail with ENXIO and polls report every event. */
+void dm_core_shutdown(dm_core *c);
+void dm_core_io_stats(dm_core *c, struct dm_io_stats *out);
 
 /*
  * External sessions: requests performed by someone else (a back-end of the
@@ -160,10 +180,54 @@ int dm_req_write(dm_req *r, uint64_t off, const void *buf, size_t len);
 /* Hand r to the built-in back-end (run now when small, else on a worker);
  * a function the table lacks fails with ENOSYS.  r is gone afterwards. */
 void dm_req_run(dm_req *r);
-/* Deliver r's response (imm may be NULL: zeros) and free r.  The session
- * is announced on the eventfd as after a worker's completion; a closed
- * session's response is discarded. */
+/* Deliver r's response (imm may be NULL: zeros) and free r, as a worker's
+ * completion does (waking the session's calls, or announcing it on the
+ * eventfd without the transport); a closed session's response is discarded. */
 void dm_req_complete(dm_req *r, int err, const uint8_t *imm);
+
+/* --- the calls of the server's transport ------------------------------------ */
+
+/* Where the core sends answers: the transport writes them to the kernel. */
+struct dm_sink {
+	void *ctx;
+	/* Answer read request unique: err 0 with len bytes of responses, or an errno. */
+	void (*answer_read)(void *ctx, uint64_t unique, int err, const void *data, size_t len);
+	/* Answer write request unique: err 0 with the bytes accepted, or an errno. */
+	void (*answer_write)(void *ctx, uint64_t unique, int err, size_t accepted);
+	/* Tell the kernel that poll handle kh may have new events. */
+	void (*wake_poll)(void *ctx, uint64_t kh);
+};
+
+/* The kernel's facts about one read or write. */
+struct dm_call_in {
+	uint64_t unique;	/* the request's id, the key of its answer */
+	int tid;		/* the calling thread */
+	int nonblock;		/* the file's O_NONBLOCK when the call was made */
+};
+
+typedef struct dm_exec dm_exec;
+
+/* Set once, before the first call. */
+void dm_core_set_sink(dm_core *c, const struct dm_sink *sink);
+/* A context for a thread that submits writes (bounce buffers, scratch). */
+dm_exec *dm_core_exec_new(dm_core *c);
+void dm_core_exec_free(dm_exec *x);
+/*
+ * A write of len bytes of requests.  x is the calling thread's context when
+ * it may touch the client's memory, else NULL (a worker does it).  data
+ * need not outlive the call: what waits is copied.  Answered through the
+ * sink, now or later.
+ */
+void dm_sess_call_write(dm_sess *s, dm_exec *x, const struct dm_call_in *in, const void *data, size_t len);
+/* Would a write to s now be submitted by its caller (no other write ahead of
+ * it, room in the queue)?  A hint: the transport finds a spare thread first. */
+int dm_sess_call_would_submit(dm_sess *s);
+/* A read of len bytes of responses; scratch holds len bytes for an answer made now. */
+void dm_sess_call_read(dm_sess *s, const struct dm_call_in *in, size_t len, void *scratch);
+/* Poll: the events ready now; with notify, kh is woken once they may have changed. */
+unsigned dm_sess_call_poll(dm_sess *s, uint64_t kh, int notify);
+/* The kernel interrupted request unique (the caller got a signal). */
+void dm_core_call_interrupt(dm_core *c, uint64_t unique);
 /* cdef end */
 
 #endif /* DMCORE_H */

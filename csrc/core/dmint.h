@@ -3,9 +3,12 @@
  *
  * Locking: a session's fields are guarded by its mu unless noted; the core's
  * session list, notify list and each session's notify links by core->mu; the
- * worker queue by core->qmu.  Lock order: sess->mu, then core->mu.  The
- * inline execution context (and the decode scratch in it) is used under
- * core->submit_mu.  Counters are atomics.
+ * worker queue and the pump queue by core->qmu; every session call (parked
+ * reads and writes, poll handles, the list of live calls) by core->iomu.
+ * Lock order: core->iomu, then sess->mu, then core->mu.  The inline execution
+ * context of the Python-facing calls (and the decode scratch in it) is used
+ * under core->submit_mu; the server's threads bring contexts of their own.
+ * Counters are atomics.
  */
 #ifndef DMINT_H
 #define DMINT_H
@@ -201,12 +204,33 @@ struct dm_sess {
 	unsigned head;			/* ring index of the oldest response */
 	unsigned refs;			/* server + queued/running requests */
 	bool dead;			/* closed by the server */
-	bool watched;			/* the server waits on it: dm_sess_poke announces */
 	bool listed;			/* on the notify list (core->mu) */
+	bool eperm;			/* a write met EPERM: the server explains it once */
+	/* Calls from the server's transport (core->iomu): */
+	struct dm_call *rhead, *rtail;	/* blocking reads waiting for responses, oldest first */
+	struct dm_call *whead, *wtail;	/* writes not yet answered, oldest first */
+	bool pumping;			/* a thread is submitting the writes */
+	bool pump_queued;		/* on the core's pump queue (core->qmu) */
+	dm_sess *pnext;			/* pump queue link (core->qmu) */
+	uint64_t *polls;		/* kernel poll handles to wake on a change */
+	unsigned npolls, cpolls;
+	atomic_bool nonblock;		/* the nonblock attribute: every call is non-blocking */
+	atomic_int_fast64_t atime_ns, mtime_ns, ctime_ns;	/* last read, last write, open */
 	dm_sess *nprev, *nnext;		/* notify list (core->mu) */
 	dm_sess *sprev, *snext;		/* all sessions (core->mu) */
 	struct dmio_usrresp ring[];	/* depth entries */
 };
+
+/* Hold / drop a reference (the last one frees the session). */
+void dm_sess_ref(dm_sess *s);
+void dm_sess_unref(dm_sess *s);
+/* A write met EPERM: have the server explain it (once per session). */
+void dm_sess_note_eperm(dm_sess *s);
+/* Validate and start up to nreq requests with the caller's context x (the
+ * caller is the session's only submitter); see dm_sess_submit. */
+size_t dm_sess_submit_x(dm_sess *s, struct dm_exec *x, const void *reqs, size_t nreq, int *err);
+/* Move up to max ready responses into resps, none unless at least min are ready. */
+size_t dm_sess_take_some(dm_sess *s, void *resps, size_t max, size_t min);
 
 /* The function requests of s are decoded for: NULL until one is set. */
 const struct dm_func *dm_sess_fn(dm_sess *s, int *func, bool *external);
@@ -214,6 +238,44 @@ const struct dm_func *dm_sess_fn(dm_sess *s, int *func, bool *external);
 void dm_sess_finish(dm_sess *s, const struct dmio_usrresp *resp);
 /* Free a session (refs gone, or the core is going away). */
 void dm_sess_destroy(dm_sess *s);
+
+/* --- io.c ---------------------------------------------------------------- */
+
+/* A read or write of a session, from the kernel through the server's
+ * transport, until it is answered. */
+struct dm_call {
+	struct dm_call *next, *prev;	/* the session's reads or writes (core->iomu) */
+	struct dm_call *hnext;		/* the core's live calls, by unique (core->iomu) */
+	dm_sess *sess;
+	uint64_t unique;		/* the kernel's request id */
+	int tid;			/* the calling thread */
+	int tgid;			/* its process, once an interrupt asked (else 0) */
+	bool write;
+	bool nonblock;
+	bool busy;			/* a pump is submitting its requests now */
+	bool answered;			/* answered early (a fatal signal): the pump drops it */
+	bool cancel;			/* a handled signal: answer after the current window */
+	bool waiting_signal;		/* interrupted by a signal that runs no handler */
+	unsigned parked;		/* 1 once it had to wait (counted in the stats) */
+	int aerr;			/* the errno to answer with when it has nothing */
+	int64_t recheck_ns;		/* when to look at the caller's signals again */
+	size_t want;			/* responses asked for / requests written */
+	size_t done;			/* responses taken / requests accepted */
+	unsigned char *buf;		/* taken responses / an owned copy of the requests */
+	const unsigned char *data;	/* write: the requests (buf once owned) */
+};
+
+/* A session changed (responses arrived, room freed): serve what waits. */
+void dm_io_kick(dm_sess *s);
+/* Run the queued writes of s with context x (a worker's pump job). */
+void dm_io_pump(dm_sess *s, struct dm_exec *x);
+/* Answer every call of s and forget its poll handles (the session closes). */
+void dm_io_close(dm_sess *s);
+/* Start / stop the thread that rechecks interrupted calls. */
+int dm_io_start(dm_core *c);
+void dm_io_stop(dm_core *c);
+/* Free every call still live (the core is going away). */
+void dm_io_free_all(dm_core *c);
 
 /* --- core.c -------------------------------------------------------------- */
 
@@ -248,6 +310,20 @@ struct dm_core {
 	dm_sess *nhead, *ntail;
 	struct dm_req *xhead, **xtail;	/* external requests not yet taken */
 	struct dm_req *xall;		/* every external request not yet completed */
+	dm_sess *phead, **ptail;	/* sessions whose writes a worker is to pump (qmu) */
+
+	pthread_mutex_t iomu;		/* every session call */
+	struct dm_sink sink;		/* where answers go */
+	bool have_sink;
+	bool down;			/* shutting down: every call ENXIO, every poll all events */
+	struct dm_call **ctab;		/* every live call, hashed by unique (for interrupts) */
+	size_t cbuckets, ncalls;
+	unsigned nsignal;		/* calls waiting_signal */
+	pthread_t watcher;		/* rechecks calls waiting_signal */
+	pthread_cond_t watchcv;
+	bool watching, have_watcher;
+	struct dm_io_stats io;		/* counters kept under iomu */
+	atomic_uint_fast64_t io_reads, io_writes, io_errors, io_polls, io_wakeups;
 
 	atomic_uint_fast64_t outstanding, executing, meta_bytes;
 	atomic_uint_fast64_t inline_runs, worker_runs, refused_limits;
@@ -260,6 +336,8 @@ void dm_core_attach(dm_core *c, dm_sess *s);
 void dm_core_detach(dm_core *c, dm_sess *s);
 /* Queue r to the workers (r holds a session reference). */
 void dm_core_enqueue(dm_core *c, struct dm_req *r);
+/* Have a worker pump the writes of s (takes a session reference). */
+void dm_core_enqueue_pump(dm_core *c, dm_sess *s);
 /* Put s on / take s off the notify list; call under s->mu.  Adding returns
  * true when the list was empty (the eventfd then needs a signal). */
 bool dm_core_notify_add(dm_core *c, dm_sess *s);

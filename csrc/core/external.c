@@ -104,7 +104,9 @@ dm_req_run(dm_req *r)
 		return;
 	}
 	dm_core_unpark(c, r);
-	if (r->moved > c->cfg.inline_bytes) {
+	/* Under the transport the caller is the server's event loop, which must
+	 * never touch client memory (it may be a file served by that loop). */
+	if (r->moved > c->cfg.inline_bytes || c->cfg.transport) {
 		atomic_fetch_add(&c->executing, 1);
 		dm_core_enqueue(c, r);	/* the worker drops the reference */
 		return;

@@ -9,14 +9,25 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "dmint.h"
+
+static int64_t
+realtime_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 dm_sess *
 dm_sess_new(dm_core *core, uint64_t id, int pid, int pidfd, unsigned depth)
 {
 	dm_sess *s;
+	int64_t now = realtime_ns();
 
 	/* Without a pidfd a reused pid could not be told apart: refuse. */
 	if (core == NULL || pidfd < 0 || pid <= 0 || depth == 0)
@@ -35,6 +46,10 @@ dm_sess_new(dm_core *core, uint64_t id, int pid, int pidfd, unsigned depth)
 	s->func = -1;
 	s->depth = depth;
 	s->refs = 1;
+	atomic_init(&s->nonblock, false);
+	atomic_init(&s->atime_ns, now);
+	atomic_init(&s->mtime_ns, now);
+	atomic_init(&s->ctime_ns, now);
 	dm_core_attach(core, s);
 	return s;
 }
@@ -45,7 +60,28 @@ dm_sess_destroy(dm_sess *s)
 	dm_core_detach(s->core, s);
 	close(s->peer.pidfd);
 	pthread_mutex_destroy(&s->mu);
+	free(s->polls);
 	free(s);
+}
+
+void
+dm_sess_ref(dm_sess *s)
+{
+	pthread_mutex_lock(&s->mu);
+	s->refs++;
+	pthread_mutex_unlock(&s->mu);
+}
+
+void
+dm_sess_unref(dm_sess *s)
+{
+	bool last;
+
+	pthread_mutex_lock(&s->mu);
+	last = --s->refs == 0;
+	pthread_mutex_unlock(&s->mu);
+	if (last)
+		dm_sess_destroy(s);
 }
 
 void
@@ -55,6 +91,7 @@ dm_sess_close(dm_sess *s)
 	unsigned dropped;
 	bool last;
 
+	dm_io_close(s);
 	pthread_mutex_lock(&s->mu);
 	s->dead = true;
 	atomic_store(&s->peer.cancel, true);
@@ -136,7 +173,7 @@ void
 dm_sess_finish(dm_sess *s, const struct dmio_usrresp *resp)
 {
 	dm_core *c = s->core;
-	bool signal = false, last;
+	bool signal = false, kick = false;
 
 	pthread_mutex_lock(&s->mu);
 	if (s->dead) {
@@ -144,14 +181,45 @@ dm_sess_finish(dm_sess *s, const struct dmio_usrresp *resp)
 		atomic_fetch_sub(&c->outstanding, 1);
 	} else {
 		ring_push(s, resp);
-		signal = dm_core_notify_add(c, s);
+		/* The transport's calls are woken directly; others learn from the eventfd. */
+		if (c->cfg.transport)
+			kick = true;
+		else
+			signal = dm_core_notify_add(c, s);
 	}
-	last = --s->refs == 0;
 	pthread_mutex_unlock(&s->mu);
 	if (signal)
 		dm_core_signal(c);
-	if (last)
-		dm_sess_destroy(s);
+	if (kick)
+		dm_io_kick(s);	/* s lives on: this request still holds a reference */
+	dm_sess_unref(s);
+}
+
+void
+dm_sess_note_eperm(dm_sess *s)
+{
+	bool signal = false;
+
+	pthread_mutex_lock(&s->mu);
+	if (!s->eperm && !s->dead) {
+		s->eperm = true;
+		signal = dm_core_notify_add(s->core, s);
+	}
+	pthread_mutex_unlock(&s->mu);
+	if (signal)
+		dm_core_signal(s->core);
+}
+
+int
+dm_sess_take_eperm(dm_sess *s)
+{
+	int was;
+
+	pthread_mutex_lock(&s->mu);
+	was = s->eperm;
+	s->eperm = false;
+	pthread_mutex_unlock(&s->mu);
+	return was;
 }
 
 /* Count one more outstanding request against the global cap. */
@@ -235,13 +303,14 @@ park(dm_core *c, struct dm_req *r)
 	dm_core_park(c, r);
 }
 
+/* Decode, validate and start requests with context x (see dm_sess_submit);
+ * the caller is the only one submitting to s now. */
 static size_t
-submit(dm_sess *s, const void *reqs, size_t nreq, bool whole, int *err)
+submit(dm_sess *s, struct dm_exec *x, const void *reqs, size_t nreq, int *err)
 {
 	dm_core *c = s->core;
 	const unsigned char *wire = reqs;
 	const struct dm_func *fn;
-	struct dm_exec *x;
 	size_t n = 0;
 	int func, e = 0;
 	bool external;
@@ -251,25 +320,9 @@ submit(dm_sess *s, const void *reqs, size_t nreq, bool whole, int *err)
 		*err = ENXIO;
 		return 0;
 	}
-
-	pthread_mutex_lock(&c->submit_mu);
-	x = c->inl;
-	if (whole) {
-		bool room;
-
-		/* Only submit (serialised by submit_mu) adds to outstanding. */
-		pthread_mutex_lock(&s->mu);
-		room = s->depth - s->outstanding >= nreq;
-		pthread_mutex_unlock(&s->mu);
-		if (!room) {
-			pthread_mutex_unlock(&c->submit_mu);
-			*err = 0;
-			return 0;
-		}
-	}
 	dm_exec_recheck(x);	/* the client may have exited since the last call */
-	/* Window by window.  Only submit (serialised by submit_mu) adds to
-	 * outstanding, so the room seen here is still there below. */
+	/* Window by window.  Only the submitter adds to outstanding, so the
+	 * room seen here is still there below. */
 	while (n < nreq && e == 0) {
 		size_t room, want, k, i;
 
@@ -309,7 +362,6 @@ submit(dm_sess *s, const void *reqs, size_t nreq, bool whole, int *err)
 		}
 		n += k;
 	}
-	pthread_mutex_unlock(&c->submit_mu);
 	*err = e;
 	return n;
 }
@@ -317,17 +369,24 @@ submit(dm_sess *s, const void *reqs, size_t nreq, bool whole, int *err)
 size_t
 dm_sess_submit(dm_sess *s, const void *reqs, size_t nreq, int *err)
 {
-	return submit(s, reqs, nreq, false, err);
+	dm_core *c = s->core;
+	size_t n;
+
+	/* Callers from Python share the core's inline context. */
+	pthread_mutex_lock(&c->submit_mu);
+	n = submit(s, c->inl, reqs, nreq, err);
+	pthread_mutex_unlock(&c->submit_mu);
+	return n;
 }
 
 size_t
-dm_sess_submit_whole(dm_sess *s, const void *reqs, size_t nreq, int *err)
+dm_sess_submit_x(dm_sess *s, struct dm_exec *x, const void *reqs, size_t nreq, int *err)
 {
-	return submit(s, reqs, nreq, true, err);
+	return submit(s, x, reqs, nreq, err);
 }
 
 size_t
-dm_sess_take_if(dm_sess *s, void *resps, size_t max, size_t min)
+dm_sess_take_some(dm_sess *s, void *resps, size_t max, size_t min)
 {
 	struct dmio_usrresp *out = resps;
 	size_t n, first;
@@ -353,30 +412,7 @@ dm_sess_take_if(dm_sess *s, void *resps, size_t max, size_t min)
 size_t
 dm_sess_take(dm_sess *s, void *resps, size_t max)
 {
-	return dm_sess_take_if(s, resps, max, 1);
-}
-
-void
-dm_sess_watch(dm_sess *s, int on)
-{
-	pthread_mutex_lock(&s->mu);
-	s->watched = on != 0;
-	pthread_mutex_unlock(&s->mu);
-}
-
-void
-dm_sess_poke(dm_sess *s)
-{
-	bool signal = false;
-
-	/* Under s->mu, so a watch set before the watcher's last look at the
-	 * counts is seen here, or that look saw what this poke announces. */
-	pthread_mutex_lock(&s->mu);
-	if (s->watched && !s->dead)
-		signal = dm_core_notify_add(s->core, s);
-	pthread_mutex_unlock(&s->mu);
-	if (signal)
-		dm_core_signal(s->core);
+	return dm_sess_take_some(s, resps, max, 1);
 }
 
 void
@@ -388,4 +424,41 @@ dm_sess_counts(dm_sess *s, unsigned *outstanding, unsigned *ready)
 	if (ready != NULL)
 		*ready = s->ready;
 	pthread_mutex_unlock(&s->mu);
+}
+
+void
+dm_sess_set_nonblock(dm_sess *s, int on)
+{
+	atomic_store(&s->nonblock, on != 0);
+}
+
+int
+dm_sess_nonblock(dm_sess *s)
+{
+	return atomic_load(&s->nonblock);
+}
+
+void
+dm_sess_times(dm_sess *s, int64_t *times)
+{
+	times[0] = atomic_load(&s->atime_ns);
+	times[1] = atomic_load(&s->mtime_ns);
+	times[2] = atomic_load(&s->ctime_ns);
+}
+
+void
+dm_sess_waiting(dm_sess *s, unsigned *counts)
+{
+	dm_core *c = s->core;
+	unsigned reads = 0, writes = 0;
+
+	pthread_mutex_lock(&c->iomu);
+	for (struct dm_call *k = s->rhead; k != NULL; k = k->next)
+		reads++;
+	for (struct dm_call *k = s->whead; k != NULL; k = k->next)
+		writes++;
+	counts[2] = s->npolls;
+	pthread_mutex_unlock(&c->iomu);
+	counts[0] = reads;
+	counts[1] = writes;
 }

@@ -155,9 +155,9 @@ struct core_cfg {
 };
 
 static const struct core_cfg cores_cfg[3] = {
-	{ "inline", NULL, { 1, 1088, SIZE_MAX, 0, 0 }, false },
-	{ "inline-portable-capped", "portable", { 1, 320, SIZE_MAX, 6, 40000 }, false },
-	{ "worker-capped", NULL, { 1, 4096, 0, 5, 0 }, true },
+	{ "inline", NULL, { 1, 1088, SIZE_MAX, 0, 0, 0 }, false },
+	{ "inline-portable-capped", "portable", { 1, 320, SIZE_MAX, 6, 40000, 0 }, false },
+	{ "worker-capped", NULL, { 1, 4096, 0, 5, 0, 0 }, true },
 };
 static dm_core *cores[3];
 static uint64_t next_sess_id = 1;
