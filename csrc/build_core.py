@@ -1,10 +1,10 @@
 """cffi builders of the package's C extensions.
 
-``dmoverfs._core`` is the C core; ``dmoverfs._fuse_hooks`` holds the small
-libfuse interposers of the server (``server/stream_open.c``: session opens
-are FOPEN_STREAM; ``server/interrupts.c``: FUSE_INTERRUPT reaches Python;
-``server/fastpath.c``: session reads and writes that need no wait are
-answered in C).
+``dmoverfs._server`` is the server's C: the core (``core/``: decoding,
+execution, sessions and the one rule for their reads, writes and polls) and
+the transport (``server/``: the data plane that owns /dev/fuse), linked with
+libfuse, which mounts.  ``dmoverfs._core`` is the core alone, without
+libfuse: the tests of the core and the fuzz harness build it.
 
 The declarations given to cffi are read from ``core/dmcore.h`` (the block
 between its cdef markers) so the header stays the one source of truth; the
@@ -63,7 +63,7 @@ def sanitize_flags() -> list[str]:
 
 
 def make_builder() -> cffi.FFI:
-    """A cffi builder for the extension module ``dmoverfs._core``."""
+    """A cffi builder for ``dmoverfs._core``: the core alone (no libfuse)."""
     ffi = cffi.FFI()
     ffi.cdef(WIRE_CDEF + header_cdef(CORE / "dmcore.h"))
     san = sanitize_flags()
@@ -89,24 +89,37 @@ def pkg_config(*args: str) -> list[str]:
     return out.split()
 
 
-def make_hooks_builder() -> cffi.FFI:
-    """A cffi builder for ``dmoverfs._fuse_hooks``, the server's libfuse interposers."""
+def fuse_include_dirs() -> list[str]:
+    """libfuse's header directories (as -isystem: its headers are not ours to lint)."""
+    return [flag[2:] for flag in pkg_config("--cflags-only-I", "fuse3")]
+
+
+def make_server_builder() -> cffi.FFI:
+    """A cffi builder for ``dmoverfs._server``: the core and the transport, with libfuse."""
     ffi = cffi.FFI()
-    ffi.cdef(header_cdef(SERVER / "fuse_hooks.h") + 'extern "Python" void dmoverfs_on_interrupt(void *req);')
+    ffi.cdef(WIRE_CDEF + header_cdef(CORE / "dmcore.h") + header_cdef(SERVER / "transport.h"))
+    san = sanitize_flags()
     ffi.set_source(
-        "dmoverfs._fuse_hooks",
-        '#include "fuse_hooks.h"\n',
-        sources=[str(SERVER / "stream_open.c"), str(SERVER / "interrupts.c"), str(SERVER / "fastpath.c")],
-        include_dirs=[str(SERVER), *(f[2:] for f in pkg_config("--cflags-only-I", "fuse3"))],
-        extra_compile_args=["-std=gnu11", "-O2", *WARNINGS],
-        libraries=["fuse3", "dl", "pthread"],
+        "dmoverfs._server",
+        '#include <dev/dmover/dmover_io.h>\n#include "dmcore.h"\n#include "transport.h"\n',
+        sources=[*core_sources(), *server_sources()],
+        include_dirs=[str(CORE), str(SERVER), str(INCLUDE)],
+        define_macros=[("_GNU_SOURCE", "1")],
+        extra_compile_args=["-std=gnu11", "-O2", *WARNINGS, *san, *(f"-isystem{d}" for d in fuse_include_dirs())],
+        extra_link_args=san,
+        libraries=["fuse3", "pthread", "dl"],
     )
     return ffi
 
 
+def server_sources() -> list[str]:
+    """The C files of the transport."""
+    return sorted(str(p) for p in SERVER.glob("*.c"))
+
+
 def builders() -> list[cffi.FFI]:
     """Every extension module of the package."""
-    return [make_builder(), make_hooks_builder()]
+    return [make_server_builder()]
 
 
 if __name__ == "__main__":

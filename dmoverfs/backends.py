@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 if TYPE_CHECKING:
-    from dmoverfs.core import Core
+    from dmoverfs.server.core import Core
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class BuiltinBackend(Backend):
     speed = BUILTIN_SPEED
 
     def __init__(self) -> None:
-        from dmoverfs.core import functions
+        from dmoverfs.server.core import functions
 
         self.functions = {f.name: FunctionSpec(f.ninputs, f.has_output) for f in functions()}
 

@@ -32,7 +32,6 @@ def _tunables(args: argparse.Namespace) -> Tunables:
         "max_sessions": args.max_sessions,
         "max_requests": args.max_requests,
         "max_meta_bytes": args.max_meta_bytes,
-        "fast_path": False if args.no_fast_path else None,
     }
     return Tunables(**{k: v for k, v in given.items() if v is not None})
 
@@ -50,8 +49,6 @@ def _server_args(args: argparse.Namespace) -> list[str]:
         out.append("--debug")
     if args.dev_link:
         out.append("--dev-link")
-    if args.no_fast_path:
-        out.append("--no-fast-path")
     for name in args.backend or ():
         out += ["--backend", name]
     for name in args.no_backend or ():
@@ -76,7 +73,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mountpoint.mkdir(parents=True, exist_ok=True)
     if args.foreground:
         from dmoverfs import backends
-        from dmoverfs.server import serve  # imports pyfuse3 and the C core only here
+        from dmoverfs.server.main import serve  # imports pyfuse3 and the C core only here
 
         logging.basicConfig(
             level=logging.DEBUG if args.debug else logging.INFO,
@@ -139,7 +136,7 @@ def _read_stats(mountpoint: Path) -> dict:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dmoverfs.stats import format_table
+    from dmoverfs.status import format_table
 
     mountpoint = _mountpoint(args)
     if not mounting.is_mounted(mountpoint):
@@ -233,9 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--allow-other", action="store_true", help="let other users open sessions (FUSE allow_other)")
     mount.add_argument("--foreground", action="store_true", help="serve in this process instead of the background")
     mount.add_argument("--debug", action="store_true", help="log every FUSE request")
-    mount.add_argument(
-        "--no-fast-path", action="store_true", help="serve every read and write in Python (slower; for comparison)"
-    )
     mount.add_argument("--log-file", help="log of the background server")
     mount.add_argument("--dev-link", action="store_true", help="make /dev/dmoverio a link to the mount while it is up (root)")
     mount.add_argument(

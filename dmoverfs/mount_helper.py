@@ -47,7 +47,6 @@ FLAGS = {
     "allow_other": "--allow-other",
     "dev_link": "--dev-link",
     "debug": "--debug",
-    "no_fast_path": "--no-fast-path",
 }
 #: -o options with a free-form value.
 VALUED = {

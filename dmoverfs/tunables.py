@@ -26,8 +26,6 @@ class Tunables:
     chunk_bytes: int = 256 << 10
     #: Requests moving at most this many bytes run without a worker hop.
     inline_bytes: int = 64 << 10
-    #: Reads and writes that need no wait are answered by a C thread, not pyfuse3.
-    fast_path: bool = True
 
     def validate(self) -> None:
         """Raise ValueError for values the server cannot run with."""

@@ -95,8 +95,29 @@ def shallow(server_factory):
     return server_factory("--queue-depth", "2").mountpoint
 
 
-def test_interrupts_are_passed_on(mnt):
-    assert stats(mnt)["server"]["interrupts"] is True
+def test_interrupts_reach_the_data_plane(shallow):
+    """A caught signal's FUSE_INTERRUPT is judged by the core and counted in stats."""
+    before = stats(shallow)["calls"]
+    proc = client(
+        shallow,
+        """
+        fd = open_session(mnt, "zero")
+        say("blocking")
+        try:
+            c_read(fd, 16)
+        except OSError as exc:
+            say(f"{errno.errorcode[exc.errno]} caught={len(caught)}")
+    """,
+    )
+    wait_line(proc, "blocking")
+    wait_blocked_in_fuse(proc.pid)
+    proc.send_signal(signal.SIGUSR1)
+    wait_line(proc, "EINTR caught=1")
+    assert proc.wait(timeout=10) == 0
+    after = stats(shallow)
+    assert after["transport"]["running"] is True
+    assert after["calls"]["interrupts"] == before["interrupts"] + 1
+    assert after["calls"]["interrupts_eintr"] == before["interrupts_eintr"] + 1
 
 
 def test_sigkill_frees_a_client_blocked_in_read(shallow):

@@ -66,7 +66,8 @@ def test_table_and_json(mnt):
     lines = table.stdout.splitlines()
     assert lines[0].startswith("dmoverfs ") and f"at {mnt} " in lines[0]
     assert any(line.startswith("sessions: ") for line in lines)
-    assert any(line.startswith("fast path: ") and "answered in C" in line for line in lines)
+    assert any(line.startswith("transport: FUSE 7.") and "session calls served" in line for line in lines)
+    assert any(line.startswith("calls: ") and "reads" in line for line in lines)
     assert any(line.startswith("limits: ") and "queue depth 64" in line for line in lines)
     for name in ("zero", "fill8", "copy", "xor2", "xor16", "iscsi-crc32c"):
         assert any(line.split()[:1] == [name] for line in lines), name

@@ -1,6 +1,8 @@
-"""Python face of the C core (``dmoverfs._core``, built with cffi).
+"""Python face of the C core (in ``dmoverfs._server``, built with cffi).
 
-Python decides *what* runs; the core decodes, validates and moves the bytes.
+The control plane decides *what* exists (sessions, their functions); the
+core decodes, validates and moves the bytes, and decides every session read,
+write and poll the transport (``dmoverfs.server.transport``) brings it.
 Every method here is one C call; none loops over request bytes.
 """
 
@@ -10,7 +12,7 @@ import errno
 import os
 from dataclasses import dataclass
 
-from dmoverfs._core import ffi, lib
+from dmoverfs._server import ffi, lib
 from dmoverfs.tunables import Tunables
 from dmoverfs.wire import REQ_SIZE, RESP_SIZE
 
@@ -43,9 +45,14 @@ def functions() -> list[Function]:
 
 
 class Core:
-    """The worker pool, bounce buffers and counters of one mount."""
+    """The worker pool, bounce buffers and counters of one mount.
 
-    def __init__(self, tunables: Tunables) -> None:
+    With *transport* the sessions are served by the server's data plane:
+    worker completions wake its parked calls, and the eventfd announces only
+    external requests and EPERM (see :meth:`drain`).
+    """
+
+    def __init__(self, tunables: Tunables, *, transport: bool = True) -> None:
         cfg = ffi.new(
             "struct dm_config *",
             {
@@ -54,6 +61,7 @@ class Core:
                 "inline_bytes": tunables.inline_bytes,
                 "max_requests": tunables.max_requests,
                 "max_meta_bytes": tunables.max_meta_bytes,
+                "transport": int(transport),
             },
         )
         err = ffi.new("int *")
@@ -70,8 +78,13 @@ class Core:
         self._info = ffi.new("struct dm_req_info *")
 
     @property
+    def ptr(self):  # noqa: ANN201 - a cffi pointer
+        """The C core (for the transport)."""
+        return self._ptr
+
+    @property
     def eventfd(self) -> int:
-        """Readable when workers have completed requests (see :meth:`drain`)."""
+        """Readable when :meth:`drain` or :meth:`take_external` has something."""
         return lib.dm_core_eventfd(self._ptr)
 
     @property
@@ -80,14 +93,25 @@ class Core:
         return ffi.string(lib.dm_core_kernels(self._ptr)).decode()
 
     def drain(self) -> list[int]:
-        """Ids of sessions that gained responses from workers, or that the fast
-        path changed while watched, since the last call."""
+        """Ids of sessions announced since the last call: a write met EPERM
+        (see :meth:`CoreSession.take_eperm`), or, without the transport,
+        workers completed requests."""
         ids: list[int] = []
         while True:
             n = lib.dm_core_drain(self._ptr, self._drain_ids, len(self._drain_ids))
             ids.extend(self._drain_ids[0:n])
             if n < len(self._drain_ids):
                 return ids
+
+    def io_stats(self) -> dict[str, int]:
+        """What the sessions' reads, writes, polls and interrupts did."""
+        out = ffi.new("struct dm_io_stats *")
+        lib.dm_core_io_stats(self._ptr, out)
+        return {name: getattr(out, name) for name, _ in ffi.typeof("struct dm_io_stats").fields}
+
+    def shutdown(self) -> None:
+        """Answer every waiting call with ENXIO and wake every poller; later calls fail with ENXIO."""
+        lib.dm_core_shutdown(self._ptr)
 
     def stats(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
         """Core-wide counters and per-function counters."""
@@ -182,15 +206,21 @@ class Core:
 
 
 class CoreSession:
-    """The C half of a session: request decoding, response ring, counters."""
+    """The C half of a session: request decoding, response ring, waiting calls, counters."""
 
-    __slots__ = ("_core", "_ptr", "_counts", "_err")
+    __slots__ = ("_core", "_ptr", "_counts", "_err", "_times")
 
     def __init__(self, core: Core, ptr) -> None:
         self._core = core
         self._ptr = ptr
-        self._counts = ffi.new("unsigned[2]")
+        self._counts = ffi.new("unsigned[3]")
         self._err = ffi.new("int *")  # reused: submit is on every write
+        self._times = ffi.new("int64_t[3]")
+
+    @property
+    def ptr(self):  # noqa: ANN201 - a cffi pointer
+        """The C session (for the transport)."""
+        return self._ptr
 
     def setfunc(self, index: int) -> int:
         """0, ESRCH or EBUSY."""
@@ -201,29 +231,48 @@ class CoreSession:
         return lib.dm_sess_set_external(self._ptr, index, ninputs, int(has_output))
 
     def submit(self, data: bytes, first: int, count: int) -> tuple[int, int]:
-        """Start requests ``first .. first+count`` of *data*; (accepted, errno or 0)."""
+        """Start requests ``first .. first+count`` of *data*; (accepted, errno or 0).
+
+        For the pyfuse3 floor of the benchmark: the server's sessions are
+        written to through the transport only."""
         buf = ffi.from_buffer(data)
         accepted = lib.dm_sess_submit(self._ptr, buf + first * REQ_SIZE, count, self._err)
         return accepted, self._err[0]
 
     def take(self, max_resps: int) -> bytes:
-        """Up to *max_resps* ready responses, packed."""
+        """Up to *max_resps* ready responses, packed (the benchmark's pyfuse3 floor)."""
         return self._core.take_into(self._ptr, max_resps)
 
     @property
-    def address(self) -> int:
-        """The C session's address (for dmoverfs.fastpath)."""
-        return int(ffi.cast("uintptr_t", self._ptr))
+    def nonblock(self) -> bool:
+        """The nonblock attribute (FIONBIO): every call of the session is non-blocking."""
+        return bool(lib.dm_sess_nonblock(self._ptr))
 
-    def watch(self, on: bool) -> None:
-        """Have the fast path's submissions and takes announced on the eventfd (see :meth:`Core.drain`)."""
-        lib.dm_sess_watch(self._ptr, int(on))
+    @nonblock.setter
+    def nonblock(self, on: bool) -> None:
+        lib.dm_sess_set_nonblock(self._ptr, int(on))
+
+    def times(self) -> tuple[int, int, int]:
+        """(last read, last write, open) in ns since the epoch."""
+        t = self._times
+        lib.dm_sess_times(self._ptr, t)
+        return t[0], t[1], t[2]
+
+    def take_eperm(self) -> bool:
+        """True once after a write of this session met EPERM."""
+        return bool(lib.dm_sess_take_eperm(self._ptr))
 
     def counts(self) -> tuple[int, int]:
         """(outstanding, ready)."""
         c = self._counts
         lib.dm_sess_counts(self._ptr, c, c + 1)
         return c[0], c[1]
+
+    def waiting(self) -> tuple[int, int, int]:
+        """Calls waiting now: (reads, writes, poll handles)."""
+        c = self._counts
+        lib.dm_sess_waiting(self._ptr, c)
+        return c[0], c[1], c[2]
 
     def close(self) -> None:
         """Drop the server's reference; in-flight requests finish harmlessly."""

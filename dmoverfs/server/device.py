@@ -1,8 +1,8 @@
-"""The dmoverfs server: one mount, its sessions, its C core, on trio.
+"""The state of one mount: what NetBSD keeps per device, for the control plane.
 
-:class:`Device` is the state of one mount (what NetBSD keeps per device);
-:func:`serve` mounts it and runs the event loop until it is unmounted or
-told to stop (SIGTERM, SIGINT, SIGHUP).
+:class:`Device` holds the core, the transport and the open sessions; the FUSE
+face (:mod:`dmoverfs.server.fs`) creates and closes sessions through it, and
+``stats`` is rendered from it.
 """
 
 from __future__ import annotations
@@ -10,33 +10,33 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
-import resource
-import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import pyfuse3
 import trio
-import trio.testing
 
-from dmoverfs import __version__, stats
 from dmoverfs.backends import BuiltinBackend, Dispatcher, Registry
-from dmoverfs.core import Core, Function
-from dmoverfs.fastpath import FastPath
-from dmoverfs.fs import DmoverOperations
-from dmoverfs.fuse import pyfuse3
-from dmoverfs.process import Client, open_pidfd, thread_group
-from dmoverfs.session import Counters, Handle, Session
+from dmoverfs.server import stats
+from dmoverfs.server.core import Core, Function
+from dmoverfs.server.process import Client, open_pidfd, thread_group
+from dmoverfs.server.session import Session
+from dmoverfs.server.transport import Transport
 from dmoverfs.tunables import Tunables
 
 log = logging.getLogger(__name__)
 
-#: How long woken handlers get to answer before the main loop stops.
-SHUTDOWN_GRACE_S = 1.0
+
+@dataclass
+class Counters:
+    """Server-wide counters of the control plane."""
+
+    sessions_total: int = 0
 
 
 class Device:
-    """The state of one mount: the core, the open sessions, the counters."""
+    """The state of one mount: the core, the transport, the open sessions, the counters."""
 
     def __init__(self, tunables: Tunables, mountpoint: str, registry: Registry | None = None) -> None:
         tunables.validate()
@@ -55,14 +55,16 @@ class Device:
         self.started_ns = time.time_ns()
         self.fuse_initialised = trio.Event()
         self.shutting_down = False
+        #: Set by serve() once mounted.
+        self.transport: Transport | None = None
+        #: Why the transport stopped serving, when it was not an unmount.
+        self.failure: str | None = None
         #: Inodes held by the FUSE layer (set by it; shown in stats to expose leaks).
         self.inode_count: Callable[[], int] = lambda: 0
-        #: Answers reads and writes that need no wait in C (must exist before pyfuse3.init).
-        self.fast: FastPath | None = FastPath() if tunables.fast_path else None
 
     def _functions(self) -> dict[str, Function]:
-        """What the active back-ends offer. A function only the built-in back-end
-        offers stays on the C fast path; the others go through the dispatcher."""
+        """What the active back-ends offer. A function a plug-in offers too is
+        external: its requests are handed to the dispatcher once accepted."""
         table = {f.name: f for f in self.core.functions}
         out: dict[str, Function] = {}
         for name, spec in self.registry.functions().items():
@@ -86,58 +88,56 @@ class Device:
         pid = thread_group(ctx.pid)
         client = Client(pid=pid, uid=ctx.uid, gid=ctx.gid)
         core_session = self.core.session(sid, pid, open_pidfd(pid), self.tunables.queue_depth)
-        session = Session(
-            sid, core_session, client, self.tunables.queue_depth, self.functions, self.counters, self.dispatcher.dispatch
-        )
+        session = Session(sid, core_session, client, self.tunables.queue_depth)
         if preset is not None:
-            session.set_function(preset.name.encode())
+            try:
+                session.set_function(preset.name.encode(), self.functions)
+            except OSError:
+                session.close()
+                raise
         self.sessions[sid] = session
         self.counters.sessions_total += 1
         return session
 
-    def serve_fast(self, handle: Handle) -> None:
-        """Let the fast path serve *handle* if its session runs a built-in function (or update it)."""
-        func = handle.session.function
-        if self.fast is not None and func is not None and not func.external and not handle.session.closed:
-            try:
-                self.fast.register(handle.fh, handle.session.core, handle.session.depth, handle.nonblock)
-            except OSError as exc:
-                # Python serves the file instead: slower, the same answers.
-                log.warning("session %d: not on the fast path: %s", handle.session.sid, exc)
+    def add_file(self, session: Session, fh: int) -> None:
+        """Open file *fh* of *session*: the transport serves it from now on."""
+        assert self.transport is not None
+        try:
+            self.transport.register(fh, session.core)
+        except OSError:
+            if not session.files:
+                self.close_session(session)
+            raise
+        session.files.add(fh)
 
-    def unserve_fast(self, handle: Handle) -> None:
-        """Take *handle* back from the fast path (before its session may close)."""
-        if self.fast is not None:
-            self.fast.unregister(handle.fh)
-
-    def session_times(self, session: Session) -> tuple[int, int]:
-        """(atime, mtime) of *session*, counting reads and writes the fast path served."""
-        atime, mtime = session.atime_ns, session.mtime_ns
-        if self.fast is not None:
-            for handle in session.handles:
-                fast_atime, fast_mtime = self.fast.times(handle.fh)
-                atime, mtime = max(atime, fast_atime), max(mtime, fast_mtime)
-        return atime, mtime
+    def remove_file(self, session: Session, fh: int) -> None:
+        """Open file *fh* was released; the session closes with its last file."""
+        if self.transport is not None:
+            self.transport.unregister(fh)
+        session.files.discard(fh)
+        if not session.files:
+            self.close_session(session)
 
     def close_session(self, session: Session) -> None:
-        """The last open file of *session* was released."""
+        """Discard its responses and let its requests finish harmlessly."""
         session.close()
         self.sessions.pop(session.sid, None)
 
-    def deliver_completions(self) -> None:
-        """Wake the sessions whose requests workers have completed."""
+    # -- events from the core --------------------------------------------------------
+
+    def on_core_event(self) -> None:
+        """External requests to hand to back-ends, EPERM to explain."""
         for sid in self.core.drain():
             session = self.sessions.get(sid)
-            if session is not None:
-                session.changed()
+            if session is not None and session.core.take_eperm() and not session.eperm_explained:
+                session.eperm_explained = True
+                session.explain_eperm()
+        self.dispatcher.dispatch()
 
     def shut_down(self) -> None:
-        """Fail every waiter with ENXIO and tell every poller."""
+        """Fail every waiting call with ENXIO and tell every poller; refuse new calls."""
         self.shutting_down = True
-        if self.fast is not None:
-            self.fast.stop()
-        for session in list(self.sessions.values()):
-            session.shut_down()
+        self.core.shutdown()
 
     def fuse_ready(self) -> None:
         """FUSE_INIT has been answered: the mount serves requests."""
@@ -148,95 +148,8 @@ class Device:
         return (json.dumps(stats.snapshot(self), indent=2) + "\n").encode()
 
     def close(self) -> None:
-        """Free every session and the core (after the event loop has stopped)."""
+        """Free every session and the core (after the transport is closed)."""
         for session in list(self.sessions.values()):
             session.close()
         self.sessions.clear()
         self.core.close()
-
-
-async def _pump_completions(device: Device) -> None:
-    fd = device.core.eventfd
-    while True:
-        await trio.lowlevel.wait_readable(fd)
-        device.deliver_completions()
-
-
-async def _stop_on_signal(device: Device) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("%s: shutting down", signal.Signals(signum).name)
-            device.shut_down()
-            # Let the woken handlers answer their clients before the loop stops.
-            with trio.move_on_after(SHUTDOWN_GRACE_S):
-                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
-            pyfuse3.terminate()
-            return
-
-
-async def _announce_ready(device: Device, ready_fd: int | None) -> None:
-    await device.fuse_initialised.wait()
-    log.info("dmoverfs %s serving %s (pid %d, kernels: %s)", __version__, device.mountpoint, os.getpid(), device.core.kernels)
-    if ready_fd is not None:
-        try:
-            os.write(ready_fd, b"ready\n")
-        finally:
-            os.close(ready_fd)
-
-
-async def _run(device: Device, ready_fd: int | None) -> None:
-    # Every blocked read or write holds a pyfuse3 worker task: allow one per
-    # session and direction, plus room for the requests that never block.
-    max_tasks = 2 * device.tunables.max_sessions + 64
-    async with trio.open_nursery() as nursery:
-        device.dispatcher.nursery = nursery  # plug-in back-ends' requests run as its tasks
-        nursery.start_soon(_pump_completions, device)
-        nursery.start_soon(_stop_on_signal, device)
-        nursery.start_soon(_announce_ready, device, ready_fd)
-        await pyfuse3.main(min_tasks=4, max_tasks=max_tasks)
-        nursery.cancel_scope.cancel()
-
-
-def _raise_open_file_limit(tunables: Tunables) -> None:
-    """Every session holds a pidfd: take the hard limit on open files, and say if it is short."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if hard != resource.RLIM_INFINITY and hard < tunables.max_sessions + 64:
-        log.warning("open files are limited to %d: fewer than --max-sessions %d can be open", hard, tunables.max_sessions)
-
-
-def serve(
-    mountpoint: str,
-    tunables: Tunables,
-    *,
-    allow_other: bool = False,
-    debug: bool = False,
-    ready_fd: int | None = None,
-    registry: Registry | None = None,
-) -> None:
-    """Mount dmoverfs at *mountpoint* and serve it until unmounted or signalled.
-
-    When *ready_fd* is given, ``ready`` is written to it once the mount
-    answers requests, and the descriptor is closed.
-    """
-    _raise_open_file_limit(tunables)
-    device = Device(tunables, mountpoint, registry)
-    ops = DmoverOperations(device)
-    options = set(pyfuse3.default_options) | {"fsname=dmoverfs", "subtype=dmoverfs"}
-    if allow_other:
-        options.add("allow_other")
-    if debug:
-        options.add("debug")
-    try:
-        pyfuse3.init(ops, mountpoint, options)
-    except RuntimeError as exc:
-        device.close()
-        raise OSError(errno.EIO, f"cannot mount {mountpoint}: {exc}") from None
-    try:
-        trio.run(_run, device, ready_fd)
-    finally:
-        device.shut_down()
-        pyfuse3.close(unmount=True)
-        device.close()
-        log.info("unmounted %s", mountpoint)

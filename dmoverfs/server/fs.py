@@ -10,11 +10,13 @@ Clone lookups answer with ``entry_timeout = attr_timeout = 0``, so the kernel
 looks the name up again for every ``open()`` and each open lands on an inode
 of its own; ``forget`` frees the ones that were never opened. Re-opening a
 session's inode (``/proc/self/fd/N``) attaches to the same session.
+
+The reads, writes and polls of session files never reach these handlers:
+the transport serves them in C. Only ``stats`` is read here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
 import functools
@@ -22,15 +24,18 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from dmoverfs import fuse
-from dmoverfs.core import Function
-from dmoverfs.fuse import pyfuse3
-from dmoverfs.session import Handle, Session, Waiter
+import pyfuse3
+
+from dmoverfs.server.core import Function
+from dmoverfs.server.session import Session
 from dmoverfs.wire import XATTR_FUNCTION, XATTR_NONBLOCK, XATTR_SERVER
+
+if TYPE_CHECKING:
+    from dmoverfs.server.device import Device
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,10 @@ ROOT_INO = pyfuse3.ROOT_INODE
 FUNCDIR_INO = ROOT_INO + 1
 STATS_INO = ROOT_INO + 2
 FIRST_DYNAMIC_INO = 16
+
+#: Bytes of ``stats`` per read answer, at most: libfuse's answers travel as one
+#: socket message, whose size the socket's buffer bounds.
+STATS_READ_MAX = 64 << 10
 
 CLONE_NAME = b"dmoverio"
 FUNCDIR_NAME = b"func"
@@ -96,20 +105,6 @@ def fuse_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@contextlib.contextmanager
-def interruptible() -> Iterator[Waiter]:
-    """A Waiter tied to the read or write request being handled: FUSE_INTERRUPT fails its wait with EINTR.
-
-    Enter it before the handler's first await (see dmoverfs.fuse); the request
-    is watched only if the call actually blocks.
-    """
-    req = fuse.current_request()
-    try:
-        yield Waiter(lambda w: fuse.watch(req, w.interrupt))
-    finally:
-        fuse.unwatch(req)
-
-
 class DmoverOperations(pyfuse3.Operations):
     """pyfuse3 handlers. Session semantics live in :mod:`dmoverfs.session`."""
 
@@ -117,7 +112,7 @@ class DmoverOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, device: Device) -> None:  # noqa: F821 (see server.Device)
+    def __init__(self, device: Device) -> None:
         super().__init__()
         self.device = device
         self.owner = Owner()
@@ -129,7 +124,8 @@ class DmoverOperations(pyfuse3.Operations):
             FUNCDIR_INO: Node(FUNCDIR_INO, Kind.FUNCDIR, nlookup=1),
             STATS_INO: Node(STATS_INO, Kind.STATS, nlookup=1),
         }
-        self.handles: dict[int, Handle | StatsHandle] = {}
+        #: Open files: a session's, or a snapshot of stats.
+        self.handles: dict[int, Session | StatsHandle] = {}
         device.inode_count = lambda: len(self.nodes)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -194,8 +190,7 @@ class DmoverOperations(pyfuse3.Operations):
             else:
                 attrs.st_mode = stat.S_IFREG | 0o600
                 attrs.st_uid, attrs.st_gid = session.client.uid, session.client.gid
-                attrs.st_atime_ns, attrs.st_mtime_ns = self.device.session_times(session)
-                attrs.st_ctime_ns = session.created_ns
+                attrs.st_atime_ns, attrs.st_mtime_ns, attrs.st_ctime_ns = session.times()
                 return attrs
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = t
         return attrs
@@ -272,68 +267,49 @@ class DmoverOperations(pyfuse3.Operations):
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
+        fh = self._next_fh
         if node.kind is Kind.STATS:
             if flags & os.O_ACCMODE != os.O_RDONLY:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            handle: Handle | StatsHandle = StatsHandle(self.device.render_stats())
+            self.handles[fh] = StatsHandle(self.device.render_stats())
         elif node.kind is Kind.CLONE:
             if node.session is None:
                 node.session = self.device.open_session(node.ino, ctx, node.preset)
-            handle = Handle(node.session, nonblock=bool(flags & os.O_NONBLOCK), fh=self._next_fh)
-            node.session.handles.add(handle)
-            self.device.serve_fast(handle)
+            # Registered before the answer: the client may write at once.
+            self.device.add_file(node.session, fh)
+            self.handles[fh] = node.session
         else:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        fh = self._next_fh
         self._next_fh += 1
-        self.handles[fh] = handle
-        # Sessions are streams (no position, no f_pos lock: see dmoverfs.fuse); stats is a plain file.
-        stream = isinstance(handle, Handle)
-        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=stream)
+        # Session files are streams (the transport adds FOPEN_STREAM to their opens).
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=node.kind is Kind.CLONE)
 
-    def _session_handle(self, fh: int) -> Handle:
-        handle = self.handles.get(fh)
-        if not isinstance(handle, Handle):
-            raise pyfuse3.FUSEError(errno.EBADF)
-        return handle
-
-    @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles.get(fh)
-        if isinstance(handle, StatsHandle):
-            return handle.data[off : off + size]
-        handle = self._session_handle(fh)
-        with interruptible() as waiter:
-            return await handle.session.read(handle, size, waiter)
+        if not isinstance(handle, StatsHandle):
+            # Session files are read through the transport, never here.
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return handle.data[off : off + min(size, STATS_READ_MAX)]
 
-    @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        handle = self._session_handle(fh)
-        with interruptible() as waiter:
-            return await handle.session.write(handle, buf, waiter)
+        raise pyfuse3.FUSEError(errno.EBADF)
 
     async def flush(self, fh: int) -> None:
         return None
 
     async def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
-        if not isinstance(handle, Handle):
+        if not isinstance(handle, Session):
             return
-        session = handle.session
-        session.handles.discard(handle)
-        self.device.unserve_fast(handle)
-        if not session.handles:
-            self.device.close_session(session)
-            node = self.nodes.get(session.sid)
+        self.device.remove_file(handle, fh)
+        if handle.closed:
+            node = self.nodes.get(handle.sid)
             if node is not None:
                 node.session = None
                 self._maybe_free(node)
 
     async def poll(self, inode: int, fh: int, poll_handle, ctx: pyfuse3.RequestContext) -> int:
-        handle = self.handles.get(fh)
-        if isinstance(handle, Handle):
-            return handle.session.poll(handle, poll_handle)
-        return 0x41  # stats: POLLIN | POLLRDNORM
+        return 0x41  # stats (sessions are polled through the transport): POLLIN | POLLRDNORM
 
     # -- xattrs: the ioctl equivalents -------------------------------------------------
 
@@ -348,17 +324,14 @@ class DmoverOperations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         session = self._xattr_session(inode)
         if name == _XATTR_FUNCTION:
-            session.set_function(value)
-            for handle in session.handles:
-                self.device.serve_fast(handle)
+            session.set_function(value, self.device.functions)
         elif name == _XATTR_NONBLOCK:
             flag = value.rstrip(b"\0\n")
             if flag not in (b"0", b"1"):
                 raise pyfuse3.FUSEError(errno.EINVAL)
-            # An xattr call cannot tell which descriptor it came through: it sets them all.
-            for handle in session.handles:
-                handle.nonblock = flag == b"1"
-                self.device.serve_fast(handle)
+            # An xattr call cannot tell which descriptor it came through: it is
+            # the session's (a file's own O_NONBLOCK counts as well).
+            session.core.nonblock = flag == b"1"
         elif name == _XATTR_SERVER:
             raise pyfuse3.FUSEError(errno.EPERM)
         else:
@@ -374,7 +347,7 @@ class DmoverOperations(pyfuse3.Operations):
         if name == _XATTR_FUNCTION and session.function is not None:
             return session.function.name.encode()
         if name == _XATTR_NONBLOCK:
-            return b"1" if session.handles and all(h.nonblock for h in session.handles) else b"0"
+            return b"1" if session.core.nonblock else b"0"
         raise pyfuse3.FUSEError(errno.ENODATA)
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:

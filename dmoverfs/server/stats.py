@@ -1,4 +1,4 @@
-"""The ``stats`` file: what it contains, and how ``dmoverfs status`` shows it."""
+"""The ``stats`` file: what it contains (``dmoverfs.status`` shows it)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from dmoverfs import __version__
-from dmoverfs.fuse import interrupts_enabled, stream_opens
 
 if TYPE_CHECKING:
-    from dmoverfs.server import Device
+    from dmoverfs.server.device import Device
 
 
 def snapshot(device: Device) -> dict[str, Any]:
     """Counters of a running mount, as a JSON-ready dict."""
     core, per_function = device.core.stats()
+    calls = device.core.io_stats()
     sessions = list(device.sessions.values())
     ready = sum(s.counts()[1] for s in sessions)
     return {
@@ -25,27 +25,42 @@ def snapshot(device: Device) -> dict[str, Any]:
             "mountpoint": device.mountpoint,
             "uptime_s": round((time.time_ns() - device.started_ns) / 1e9, 3),
             "shutting_down": device.shutting_down,
-            "stream_opens": stream_opens(),
-            "interrupts": interrupts_enabled(),
         },
+        "transport": _transport(device),
         "sessions": {
             "open": len(sessions),
             "total": device.counters.sessions_total,
         },
         "inodes": device.inode_count(),
-        "fast_path": device.fast.stats() if device.fast is not None else {"running": False},
         "requests": {
             "outstanding": core["outstanding"],
             "in_flight": core["executing"],
             "ready": ready,
-            "queue_waits": device.counters.queue_waits,
-            "read_waits": device.counters.read_waits,
+            # Writes that waited for room in their session's queue, reads for responses.
+            "queue_waits": calls["parked_writes"],
+            "read_waits": calls["parked_reads"],
             "refused_by_limits": core["refused_limits"],
             "metadata_bytes": core["meta_bytes"],
         },
+        "calls": calls,
         "functions": per_function | {name: vars(c).copy() for name, c in device.dispatcher.plugin_functions.items()},
         "backends": _backends(device, core),
         "limits": device.tunables.as_dict(),
+    }
+
+
+def _transport(device: Device) -> dict[str, Any]:
+    """The data plane: the FUSE protocol in use, its threads, what it served and relayed."""
+    if device.transport is None:
+        return {"running": False}
+    counters = device.transport.stats()
+    state = device.transport.state()
+    return {
+        "running": state.running,
+        "protocol": f"{counters.pop('proto_major')}.{counters.pop('proto_minor')}",
+        # What the data plane relies on, all in use whenever it runs.
+        "features": ["file flags per call", "FOPEN_STREAM", "poll notification", "FUSE_INTERRUPT", "libfuse via /dev/fd/N"],
+        **counters,
     }
 
 
@@ -57,7 +72,7 @@ def _backends(device: Device, core: dict[str, int]) -> dict[str, Any]:
     for name, backend in device.registry.backends.items():
         functions = {f: {"ninputs": s.ninputs, "has_output": s.has_output} for f, s in backend.functions.items()}
         if isinstance(backend, BuiltinBackend):
-            # The core counts every request it runs, fast-path sessions' included.
+            # The core counts every request it runs, its sessions' and those handed to it.
             out[name] = {
                 "speed": backend.speed,
                 "assigned": core["inline_runs"] + core["worker_runs"] + core["executing"],
@@ -85,35 +100,3 @@ def _backends(device: Device, core: dict[str, int]) -> dict[str, Any]:
             "functions": functions,
         }
     return out
-
-
-def _fast_path_line(fast: dict[str, Any]) -> str:
-    if not fast["running"]:
-        return "fast path: off (Python serves every read and write)"
-    return (
-        f"fast path: {fast['files']} open files; answered in C {fast['writes']} writes, {fast['reads']} reads "
-        f"({fast['errors']} with an error); {fast['forwarded']} requests passed to Python"
-    )
-
-
-def format_table(data: dict[str, Any]) -> str:
-    """A readable rendering of a :func:`snapshot` for ``dmoverfs status``."""
-    server = data["server"]
-    lines = [
-        f"dmoverfs {server['version']} at {server['mountpoint']} (pid {server['pid']}, up {server['uptime_s']:.0f} s)",
-        f"sessions: {data['sessions']['open']} open, {data['sessions']['total']} since mount; inodes: {data['inodes']}",
-        "requests: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in data["requests"].items()),
-        _fast_path_line(data["fast_path"]),
-        "",
-        f"{'function':<14}{'submitted':>12}{'completed':>12}{'failed':>9}{'bytes':>16}",
-    ]
-    for name, row in data["functions"].items():
-        lines.append(f"{name:<14}{row['submitted']:>12}{row['completed']:>12}{row['failed']:>9}{row['bytes']:>16}")
-    lines.append("")
-    for name, backend in data["backends"].items():
-        details = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in backend.items() if k != "functions")
-        if backend.get("functions"):
-            details += "; functions " + " ".join(backend["functions"])
-        lines.append(f"back-end {name}: {details}")
-    lines.append("limits: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in data["limits"].items()))
-    return "\n".join(lines)

@@ -26,9 +26,9 @@ import time
 
 import trio
 
-from dmoverfs.core import Core, CoreSession
-from dmoverfs.fuse import pyfuse3
-from dmoverfs.process import open_pidfd, thread_group
+from dmoverfs.server.core import Core, CoreSession
+import pyfuse3
+from dmoverfs.server.process import open_pidfd, thread_group
 from dmoverfs.tunables import Tunables
 from dmoverfs.wire import REQ_SIZE, RESP_SIZE, XATTR_FUNCTION
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("mountpoint")
     args = parser.parse_args(argv)
-    core = Core(Tunables())
+    core = Core(Tunables(), transport=False)
     ops = Operations(core, args.ready_fd)
     options = set(pyfuse3.default_options) | {"fsname=dmoverfs-pyfloor", "subtype=dmoverfs-pyfloor"}
     pyfuse3.init(ops, args.mountpoint, options)
