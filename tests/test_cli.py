@@ -138,3 +138,39 @@ def test_python_dash_m_and_help():
     for command in ("mount", "unmount", "status"):
         assert command in out
     assert "--queue-depth" in dmoverfs("mount", "--help").stdout
+
+
+def test_mount_refuses_when_the_transport_cannot_work(background, tmp_path):
+    """A kernel speaking an older FUSE protocol than the transport needs: a clear refusal, nothing left mounted.
+
+    The requirement is raised past any kernel's (DMOVERFS_MIN_FUSE_MINOR) to take the path a too old kernel takes.
+    """
+    env = {**os.environ, "DMOVERFS_MIN_FUSE_MINOR": "99"}
+    result = subprocess.run(
+        [sys.executable, "-m", "dmoverfs", "mount", str(background), "--log-file", str(tmp_path / "server.log")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "dmoverfs needs 7.99 or later" in result.stderr and "use a newer kernel" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not mounting.is_mounted(background)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "from dmoverfs import cli; cli.main(['cflags'])",
+        "from dmoverfs import cli; cli.main(['preload'])",
+        "from dmoverfs import cli, status",
+        "from dmoverfs import client",
+    ],
+    ids=["cflags", "preload", "status", "client"],
+)
+def test_commands_and_client_never_import_the_server(code):
+    """The CLI's small commands, `dmoverfs status` and the client load neither pyfuse3 nor the server's C."""
+    check = "import sys; assert not {'pyfuse3', 'dmoverfs._server', 'dmoverfs.server.main'} & set(sys.modules), sys.modules.keys()"
+    result = subprocess.run([sys.executable, "-c", f"{code}\n{check}"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
