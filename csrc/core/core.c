@@ -8,11 +8,14 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "dmint.h"
 
 #define DM_WORKERS_MAX	1024
+#define DM_SPARE_WORKERS	64		/* started when every worker is stuck */
+#define DM_STALL_NS	((int64_t)100000000)	/* a transfer this long counts as stuck */
 
 static void
 run_queued(dm_core *c, struct dm_exec *x, struct dm_req *r)
@@ -68,32 +71,94 @@ worker_main(void *arg)
 	}
 }
 
+/* Start one more worker (call with qmu held, or before any runs). */
 static int
-start_workers(dm_core *c)
+start_worker(dm_core *c)
 {
+	struct dm_worker *w = &c->workers[c->nworkers];
 	sigset_t all, old;
-	int err = 0;
+	int err;
 
-	c->workers = calloc(c->cfg.workers, sizeof(c->workers[0]));
-	if (c->workers == NULL)
+	if (c->nworkers >= c->maxworkers)
+		return EAGAIN;
+	w->core = c;
+	if ((w->x = dm_exec_new(c, c->cfg.chunk_bytes)) == NULL)
 		return ENOMEM;
 	/* Workers inherit a full mask: signals go to the server's own threads. */
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
-	for (unsigned i = 0; i < c->cfg.workers; i++) {
-		struct dm_worker *w = &c->workers[i];
-
-		w->core = c;
-		if ((w->x = dm_exec_new(c, c->cfg.chunk_bytes)) == NULL) {
-			err = ENOMEM;
-			break;
-		}
-		if ((err = pthread_create(&w->tid, NULL, worker_main, w)) != 0)
-			break;
-		c->nworkers++;
-	}
+	err = pthread_create(&w->tid, NULL, worker_main, w);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (err != 0) {
+		dm_exec_free(w->x);
+		w->x = NULL;
+		return err;
+	}
+	c->nworkers++;
+	return 0;
+}
+
+static int
+start_workers(dm_core *c)
+{
+	int err = 0;
+
+	c->maxworkers = c->cfg.workers + (c->cfg.transport ? DM_SPARE_WORKERS : 0);
+	c->workers = calloc(c->maxworkers, sizeof(c->workers[0]));
+	if (c->workers == NULL)
+		return ENOMEM;
+	pthread_mutex_lock(&c->qmu);
+	for (unsigned i = 0; i < c->cfg.workers && err == 0; i++)
+		err = start_worker(c);
+	pthread_mutex_unlock(&c->qmu);
 	return err;
+}
+
+static int64_t
+monotonic_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+void
+dm_core_check_stalls(dm_core *c)
+{
+	int64_t now = monotonic_ns();
+
+	pthread_mutex_lock(&c->qmu);
+	if (c->qhead != NULL || c->phead != NULL) {
+		unsigned stuck = 0;
+
+		for (unsigned i = 0; i < c->nworkers; i++) {
+			int64_t since = atomic_load_explicit(&c->workers[i].x->in_xfer_ns, memory_order_relaxed);
+
+			if (since != 0 && now - since >= DM_STALL_NS)
+				stuck++;
+		}
+		if (stuck == c->nworkers)
+			(void)start_worker(c);	/* at the limit, the work waits */
+	}
+	pthread_mutex_unlock(&c->qmu);
+}
+
+int
+dm_core_meta_reserve(dm_core *c, size_t n)
+{
+	if (c->cfg.max_meta_bytes != 0 && atomic_load(&c->meta_bytes) + n > c->cfg.max_meta_bytes) {
+		atomic_fetch_add(&c->refused_limits, 1);
+		return EAGAIN;
+	}
+	atomic_fetch_add(&c->meta_bytes, n);
+	return 0;
+}
+
+void
+dm_core_meta_release(dm_core *c, size_t n)
+{
+	atomic_fetch_sub(&c->meta_bytes, n);
 }
 
 dm_core *
@@ -120,7 +185,15 @@ dm_core_new(const struct dm_config *cfg, int *err)
 	pthread_cond_init(&c->qcv, NULL);
 	pthread_mutex_init(&c->mu, NULL);
 	pthread_mutex_init(&c->iomu, NULL);
-	pthread_cond_init(&c->watchcv, NULL);
+	{
+		pthread_condattr_t ca;
+
+		/* The watcher's ticks are timed on the monotonic clock. */
+		pthread_condattr_init(&ca);
+		pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+		pthread_cond_init(&c->watchcv, &ca);
+		pthread_condattr_destroy(&ca);
+	}
 	c->qtail = &c->qhead;
 	c->xtail = &c->xhead;
 	c->ptail = &c->phead;
@@ -192,7 +265,7 @@ dm_core_free(dm_core *c)
 		dm_sess_destroy(c->sessions);
 
 	if (c->workers != NULL)
-		for (unsigned i = 0; i < c->cfg.workers; i++)
+		for (unsigned i = 0; i < c->nworkers; i++)
 			dm_exec_free(c->workers[i].x);
 	free(c->workers);
 	dm_exec_free(c->inl);

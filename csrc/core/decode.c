@@ -211,14 +211,12 @@ prepare(struct dm_exec *x, dm_sess *s, const struct dm_func *fn, int func, const
 
 	head = offsetof(struct dm_req, in) + (size_t)nin * sizeof(struct dm_list);
 	size = head + ncopy * sizeof(struct iovec);
-	if (c->cfg.max_meta_bytes != 0 &&
-	    atomic_load(&c->meta_bytes) + size > c->cfg.max_meta_bytes) {
-		atomic_fetch_add(&c->refused_limits, 1);
+	if (dm_core_meta_reserve(c, size) != 0)
 		return EAGAIN;
-	}
-	if ((r = malloc(size)) == NULL)
+	if ((r = malloc(size)) == NULL) {
+		dm_core_meta_release(c, size);
 		return ENOMEM;
-	atomic_fetch_add(&c->meta_bytes, size);
+	}
 
 	r->next = r->xprev = r->xnext = NULL;
 	r->sess = s;
@@ -338,6 +336,6 @@ dm_decode(struct dm_exec *x, dm_sess *s, const struct dm_func *fn, int func,
 void
 dm_req_free(dm_core *c, struct dm_req *r)
 {
-	atomic_fetch_sub(&c->meta_bytes, r->size);
+	dm_core_meta_release(c, r->size);
 	free(r);
 }

@@ -125,6 +125,7 @@ struct dm_exec {
 	dm_core *core;
 	size_t chunk;
 	uint64_t budget;		/* bytes that may move before the pidfd is polled again */
+	atomic_int_fast64_t in_xfer_ns;	/* CLOCK_MONOTONIC when its current transfer began, 0 if none */
 	uint8_t *buf[DM_NBUF];		/* chunk bytes each, DM_ALIGN-aligned */
 	void *mem;
 	struct iovec loc[IOV_MAX];	/* syscall scratch */
@@ -257,6 +258,7 @@ struct dm_call {
 	bool cancel;			/* a handled signal: answer after the current window */
 	bool waiting_signal;		/* interrupted by a signal that runs no handler */
 	unsigned parked;		/* 1 once it had to wait (counted in the stats) */
+	size_t charged;			/* bytes of buf counted as request metadata */
 	int aerr;			/* the errno to answer with when it has nothing */
 	int64_t recheck_ns;		/* when to look at the caller's signals again */
 	size_t want;			/* responses asked for / requests written */
@@ -302,7 +304,8 @@ struct dm_core {
 	pthread_mutex_t qmu;
 	pthread_cond_t qcv;
 	struct dm_req *qhead, **qtail;
-	unsigned nworkers;		/* started */
+	unsigned nworkers;		/* started (qmu) */
+	unsigned maxworkers;		/* room in workers: the configured ones and spares */
 	struct dm_worker *workers;
 
 	pthread_mutex_t mu;
@@ -338,6 +341,13 @@ void dm_core_detach(dm_core *c, dm_sess *s);
 void dm_core_enqueue(dm_core *c, struct dm_req *r);
 /* Have a worker pump the writes of s (takes a session reference). */
 void dm_core_enqueue_pump(dm_core *c, dm_sess *s);
+/* Start a spare worker when work waits and every worker is stuck in one
+ * transfer (a client's memory on a slow FUSE file): a stalled request
+ * delays only itself. */
+void dm_core_check_stalls(dm_core *c);
+/* Count n bytes of request metadata against the global cap: 0 or EAGAIN. */
+int dm_core_meta_reserve(dm_core *c, size_t n);
+void dm_core_meta_release(dm_core *c, size_t n);
 /* Put s on / take s off the notify list; call under s->mu.  Adding returns
  * true when the list was empty (the eventfd then needs a signal). */
 bool dm_core_notify_add(dm_core *c, dm_sess *s);

@@ -210,6 +210,16 @@ count_answer(dm_core *c, bool write, int err, size_t done)
 		atomic_fetch_add(&c->io_errors, 1);
 }
 
+/* Free a call no longer in any list. */
+static void
+call_free(dm_core *c, struct dm_call *k)
+{
+	if (k->charged > 0)
+		dm_core_meta_release(c, k->charged);
+	free(k->buf);
+	free(k);
+}
+
 /* Answer k with its result (err when it has nothing) and free it. */
 static void
 finish(dm_core *c, struct dm_call *k)
@@ -219,8 +229,7 @@ finish(dm_core *c, struct dm_call *k)
 		send_write(c, k->unique, k->aerr, k->done);
 	else
 		send_read(c, k->unique, k->aerr, k->buf, k->done);
-	free(k->buf);
-	free(k);
+	call_free(c, k);
 }
 
 /* Answer every call on the chain (linked by next). */
@@ -403,15 +412,27 @@ dm_sess_call_read(dm_sess *s, const struct dm_call_in *in, size_t len, void *scr
 		dm_io_kick(s);
 }
 
-/* Keep k's requests past the caller's buffer.  0 or ENOMEM. */
+/*
+ * Keep k's requests past the caller's buffer: 0, or EAGAIN when the copy
+ * would pass the cap on request metadata (waiting writes count against it,
+ * so that threads blocked in write() cannot grow the server without bound),
+ * or ENOMEM.
+ */
 static int
-own(struct dm_call *k)
+own(dm_core *c, struct dm_call *k)
 {
+	size_t n = k->want * REQ;
+
 	if (k->buf != NULL || !k->write)
 		return 0;
-	if ((k->buf = malloc(k->want * REQ)) == NULL)
+	if (dm_core_meta_reserve(c, n) != 0)
+		return EAGAIN;
+	if ((k->buf = malloc(n)) == NULL) {
+		dm_core_meta_release(c, n);
 		return ENOMEM;
-	memcpy(k->buf, k->data, k->want * REQ);
+	}
+	k->charged = n;
+	memcpy(k->buf, k->data, n);
 	k->data = k->buf;
 	return 0;
 }
@@ -440,8 +461,7 @@ pump(dm_sess *s, struct dm_exec *x)
 			detach(c, k);
 			pthread_mutex_unlock(&c->iomu);
 			if (k->answered) {
-				free(k->buf);
-				free(k);
+				call_free(c, k);
 			} else {
 				chain_push(&chain, k, c->down ? ENXIO : EINTR);
 				finish_chain(c, chain);
@@ -459,10 +479,10 @@ pump(dm_sess *s, struct dm_exec *x)
 				continue;
 			}
 			/* Wait for a read to free room (dm_io_kick restarts the pump). */
-			if (own(k) != 0) {
+			if ((err = own(c, k)) != 0) {
 				detach(c, k);
 				pthread_mutex_unlock(&c->iomu);
-				chain_push(&chain, k, ENOMEM);
+				chain_push(&chain, k, err);
 				finish_chain(c, chain);
 				continue;
 			}
@@ -492,8 +512,7 @@ pump(dm_sess *s, struct dm_exec *x)
 			detach(c, k);
 			pthread_mutex_unlock(&c->iomu);
 			if (silent) {
-				free(k->buf);
-				free(k);
+				call_free(c, k);
 			} else {
 				chain_push(&chain, k, err != 0 ? err : c->down ? ENXIO : EINTR);
 				finish_chain(c, chain);
@@ -551,12 +570,12 @@ dm_sess_call_write(dm_sess *s, struct dm_exec *x, const struct dm_call_in *in, c
 	queue_add(&s->whead, &s->wtail, k);
 	if (s->pumping || k != s->whead || x == NULL) {
 		/* It outlives this call: queued behind others, or for a worker. */
-		if (own(k) != 0) {
+		if ((err = own(c, k)) != 0) {
 			detach(c, k);
 			pthread_mutex_unlock(&c->iomu);
-			free(k);
-			count_answer(c, true, ENOMEM, 0);
-			send_write(c, in->unique, ENOMEM, 0);
+			call_free(c, k);
+			count_answer(c, true, err, 0);
+			send_write(c, in->unique, err, 0);
 			return;
 		}
 		if (!s->pumping) {
@@ -810,10 +829,7 @@ watch_main(void *arg)
 		int64_t now;
 		size_t n = 0;
 
-		if (c->nsignal == 0 || due == NULL) {
-			pthread_cond_wait(&c->watchcv, &c->iomu);
-			continue;
-		}
+		/* A tick: workers stuck in a client's memory, then callers to look at again. */
 		clock_gettime(CLOCK_MONOTONIC, &until);
 		until.tv_nsec += RECHECK_NS / 2;
 		until.tv_sec += until.tv_nsec / 1000000000;
@@ -821,6 +837,11 @@ watch_main(void *arg)
 		pthread_cond_timedwait(&c->watchcv, &c->iomu, &until);
 		if (!c->watching)
 			break;
+		pthread_mutex_unlock(&c->iomu);
+		dm_core_check_stalls(c);
+		pthread_mutex_lock(&c->iomu);
+		if (c->nsignal == 0 || due == NULL)
+			continue;
 		now = clock_ns(CLOCK_MONOTONIC);
 		for (size_t b = 0; b < c->cbuckets && n < RECHECK_BATCH; b++)
 			for (struct dm_call *k = c->ctab[b]; k != NULL && n < RECHECK_BATCH; k = k->hnext)
@@ -973,8 +994,7 @@ dm_io_close(dm_sess *s)
 			struct dm_call *k = chain;
 
 			chain = k->next;
-			free(k->buf);
-			free(k);
+			call_free(c, k);
 		}
 }
 
@@ -987,8 +1007,7 @@ dm_io_free_all(dm_core *c)
 			struct dm_call *k = c->ctab[b];
 
 			c->ctab[b] = k->hnext;
-			free(k->buf);
-			free(k);
+			call_free(c, k);
 		}
 	}
 	free(c->ctab);

@@ -135,10 +135,13 @@ xfer(struct dm_exec *x, struct dm_peer *p, bool write, size_t nloc, size_t nrem,
 	*got = 0;
 	if (err != 0)
 		return err;
+	/* Seen by dm_core_check_stalls: a fault on a slow FUSE file can hold this call. */
+	atomic_store_explicit(&x->in_xfer_ns, monotonic_ns(), memory_order_relaxed);
 	if (write)
 		n = process_vm_writev(p->pid, x->loc, nloc, x->rem, nrem, 0);
 	else
 		n = process_vm_readv(p->pid, x->loc, nloc, x->rem, nrem, 0);
+	atomic_store_explicit(&x->in_xfer_ns, 0, memory_order_relaxed);
 	if (n < 0) {
 		if (errno == EPERM)
 			return EPERM;

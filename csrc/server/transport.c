@@ -51,6 +51,7 @@
 #define WAKE_SIGNAL	SIGURG		/* interrupts a reader's read() when stopping */
 #define STOP_RETRY_NS	20000000L	/* resend it this often until the reader is gone */
 #define SOCKET_BUFFER	(8 << 20)	/* room for libfuse's largest answers */
+#define MIN_READERS	2		/* one may submit a write while the other reads */
 
 /* A message for libfuse. */
 struct msg {
@@ -578,6 +579,35 @@ dispatch(struct reader *r, size_t n)
 	forward(t, r->buf, n);
 }
 
+static void reader_free(struct reader *r);
+
+/* Take r out of the pool if it has more than MIN_READERS; true if it left
+ * (detached, its memory freed: the caller returns at once). */
+static bool
+leave_pool(struct reader *r)
+{
+	dm_transport *t = r->t;
+	struct reader **p;
+	bool left = false;
+
+	pthread_mutex_lock(&t->mu);
+	if (t->nreaders > MIN_READERS && !atomic_load(&t->stopping)) {
+		for (p = &t->readers; *p != NULL; p = &(*p)->next)
+			if (*p == r) {
+				*p = r->next;
+				t->nreaders--;
+				left = true;
+				break;
+			}
+	}
+	pthread_mutex_unlock(&t->mu);
+	if (left) {
+		pthread_detach(pthread_self());
+		reader_free(r);
+	}
+	return left;
+}
+
 static void
 on_wake(int sig)
 {
@@ -617,6 +647,11 @@ reader_main(void *arg)
 		if ((size_t)n >= sizeof(struct fuse_in_header) &&
 		    ((const struct fuse_in_header *)r->buf)->len == (uint32_t)n)
 			dispatch(r, (size_t)n);
+		/* A reader started for a burst goes once two others wait (as libfuse's
+		 * max_idle_threads): the pool shrinks back when the clients' memory
+		 * stops holding readers up. */
+		if (atomic_load(&t->idle) >= MIN_READERS && leave_pool(r))
+			return NULL;
 	}
 	return NULL;
 }
@@ -826,8 +861,7 @@ dm_transport_start(dm_transport *t)
 	t->threads_started = true;
 	pthread_setname_np(t->forwarder, "dmoverfs-fwd");
 	pthread_setname_np(t->relayer, "dmoverfs-relay");
-	/* Two readers: one may submit a write while the other reads. */
-	if ((err = spawn_reader(t)) == 0)
+	for (unsigned i = 0; i < MIN_READERS && err == 0; i++)
 		err = spawn_reader(t);
 	return err;
 }
