@@ -371,9 +371,14 @@ def slowfs(rescue: Rescue, tmp_path: Path) -> Iterator[SlowFS]:
         fs.stop()
 
 
-@pytest.mark.parametrize("size", [4096, 1 << 20], ids=["4KiB", "1MiB"])
-def test_input_on_a_slow_fuse_mount_delays_only_its_own_request(programs, rescue, server_factory, slowfs, size):
-    srv = server_factory()
+@pytest.mark.parametrize(
+    "size, workers",
+    [(4096, None), (1 << 20, None), (1 << 20, 1)],
+    ids=["4KiB", "1MiB", "1MiB-on-the-only-worker"],
+)
+def test_input_on_a_slow_fuse_mount_delays_only_its_own_request(programs, rescue, server_factory, slowfs, size, workers):
+    """With one worker, the stuck request holds it: the server must start another for the other client."""
+    srv = server_factory(*(["--workers", str(workers)] if workers else []))
     mnt = watched(rescue, srv)
     client = rescue.spawn([programs("mapped"), mnt / "func" / "copy", slowfs.file, str(size), str(size)])
     client.expect("ready", 10)
