@@ -211,6 +211,7 @@ struct dm_sess {
 	struct dm_call *rhead, *rtail;	/* blocking reads waiting for responses, oldest first */
 	struct dm_call *whead, *wtail;	/* writes not yet answered, oldest first */
 	bool pumping;			/* a thread is submitting the writes */
+	bool closing;			/* closed: what still waits ends with ENXIO */
 	bool pump_queued;		/* on the core's pump queue (core->qmu) */
 	dm_sess *pnext;			/* pump queue link (core->qmu) */
 	uint64_t *polls;		/* kernel poll handles to wake on a change */

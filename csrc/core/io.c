@@ -232,10 +232,20 @@ finish(dm_core *c, struct dm_call *k)
 	call_free(c, k);
 }
 
-/* Answer every call on the chain (linked by next). */
+/* Answer every call on the chain (linked by next), in the order they were pushed. */
 static void
 finish_chain(dm_core *c, struct dm_call *chain)
 {
+	struct dm_call *reversed = NULL;
+
+	while (chain != NULL) {
+		struct dm_call *k = chain;
+
+		chain = k->next;
+		k->next = reversed;
+		reversed = k;
+	}
+	chain = reversed;
 	while (chain != NULL) {
 		struct dm_call *k = chain;
 
@@ -285,6 +295,13 @@ whole_structs(size_t len, size_t unit, size_t *count)
 {
 	*count = len / unit;
 	return len % unit == 0 || (len >= SPLIT_MIN && *count > 0);
+}
+
+/* Shutting down, or the session closed: what waits ends with ENXIO (iomu). */
+static bool
+ending(dm_sess *s)
+{
+	return s->core->down || s->closing;
 }
 
 /* Can s serve calls now?  0, or the errno every call gets. */
@@ -457,13 +474,13 @@ pump(dm_sess *s, struct dm_exec *x)
 			pthread_mutex_unlock(&c->iomu);
 			return;
 		}
-		if (k->answered || c->down || k->cancel) {
+		if (k->answered || ending(s) || k->cancel) {
 			detach(c, k);
 			pthread_mutex_unlock(&c->iomu);
 			if (k->answered) {
 				call_free(c, k);
 			} else {
-				chain_push(&chain, k, c->down ? ENXIO : EINTR);
+				chain_push(&chain, k, ending(s) ? ENXIO : EINTR);
 				finish_chain(c, chain);
 			}
 			continue;
@@ -491,8 +508,17 @@ pump(dm_sess *s, struct dm_exec *x)
 				c->io.waiting_writes++;
 				c->io.parked_writes++;
 			}
+			/* Non-blocking writes queued behind it would only wait: EAGAIN. */
+			for (struct dm_call *b = k->next, *next; b != NULL; b = next) {
+				next = b->next;
+				if (b->nonblock) {
+					detach(c, b);
+					chain_push(&chain, b, EAGAIN);
+				}
+			}
 			s->pumping = false;
 			pthread_mutex_unlock(&c->iomu);
+			finish_chain(c, chain);
 			return;
 		}
 		k->busy = true;
@@ -506,15 +532,16 @@ pump(dm_sess *s, struct dm_exec *x)
 		pthread_mutex_lock(&c->iomu);
 		k->busy = false;
 		k->done += acc;
-		if (err != 0 || k->done == k->want || k->answered || k->cancel || c->down) {
+		if (err != 0 || k->done == k->want || k->answered || k->cancel || ending(s)) {
 			bool silent = k->answered;
+			int why = err != 0 ? err : ending(s) ? ENXIO : EINTR;
 
 			detach(c, k);
 			pthread_mutex_unlock(&c->iomu);
 			if (silent) {
 				call_free(c, k);
 			} else {
-				chain_push(&chain, k, err != 0 ? err : c->down ? ENXIO : EINTR);
+				chain_push(&chain, k, why);
 				finish_chain(c, chain);
 			}
 		} else {
@@ -559,8 +586,9 @@ dm_sess_call_write(dm_sess *s, struct dm_exec *x, const struct dm_call_in *in, c
 	k->data = data;
 
 	pthread_mutex_lock(&c->iomu);
-	if (c->down || live_add(c, k) != 0) {
-		err = c->down ? ENXIO : ENOMEM;
+	/* A non-blocking write never waits behind one that waits for room. */
+	if (ending(s) || (k->nonblock && s->whead != NULL && !s->pumping) || live_add(c, k) != 0) {
+		err = ending(s) ? ENXIO : k->nonblock && s->whead != NULL && !s->pumping ? EAGAIN : ENOMEM;
 		pthread_mutex_unlock(&c->iomu);
 		free(k);
 		count_answer(c, true, err, 0);
@@ -603,7 +631,7 @@ dm_sess_call_would_submit(dm_sess *s)
 
 	pthread_mutex_lock(&c->iomu);
 	dm_sess_counts(s, &outstanding, NULL);
-	would = !s->pumping && s->whead == NULL && outstanding < s->depth && !c->down;
+	would = !s->pumping && s->whead == NULL && outstanding < s->depth && !ending(s);
 	pthread_mutex_unlock(&c->iomu);
 	return would;
 }
@@ -643,7 +671,7 @@ dm_io_kick(dm_sess *s)
 		chain_push(&chain, k, 0);
 	}
 	nkh = take_polls(s, &kh);
-	if (s->whead != NULL && !s->pumping && !c->down) {
+	if (s->whead != NULL && !s->pumping && !ending(s)) {
 		unsigned outstanding;
 
 		dm_sess_counts(s, &outstanding, NULL);
@@ -983,6 +1011,7 @@ dm_io_close(dm_sess *s)
 	uint64_t *kh;
 
 	pthread_mutex_lock(&c->iomu);
+	s->closing = true;
 	drain_calls(c, s, ENXIO, &chain);
 	take_polls(s, &kh);
 	pthread_mutex_unlock(&c->iomu);
