@@ -196,6 +196,10 @@ struct dm_sink {
 	void (*answer_write)(void *ctx, uint64_t unique, int err, size_t accepted);
 	/* Tell the kernel that poll handle kh may have new events. */
 	void (*wake_poll)(void *ctx, uint64_t kh);
+	/* Is tid a thread of the server itself?  (A fault on a mapping of a
+	 * session file inside the server's own access to a client: such a read
+	 * must never wait.)  May be NULL. */
+	int (*is_own_thread)(void *ctx, int tid);
 };
 
 /* The kernel's facts about one read or write. */
@@ -219,9 +223,6 @@ void dm_core_exec_free(dm_exec *x);
  * sink, now or later.
  */
 void dm_sess_call_write(dm_sess *s, dm_exec *x, const struct dm_call_in *in, const void *data, size_t len);
-/* Would a write to s now be submitted by its caller (no other write ahead of
- * it, room in the queue)?  A hint: the transport finds a spare thread first. */
-int dm_sess_call_would_submit(dm_sess *s);
 /* A read of len bytes of responses; scratch holds len bytes for an answer made now. */
 void dm_sess_call_read(dm_sess *s, const struct dm_call_in *in, size_t len, void *scratch);
 /* Poll: the events ready now; with notify, kh is woken once they may have changed. */

@@ -400,6 +400,14 @@ dm_sess_call_read(dm_sess *s, const struct dm_call_in *in, size_t len, void *scr
 			dm_io_kick(s);	/* room for writers, news for pollers */
 		return;
 	}
+	if (c->sink.is_own_thread != NULL && c->sink.is_own_thread(c->sink.ctx, in->tid)) {
+		/* The server faulting on a mapping of a session file: waiting here
+		 * would wait on itself. */
+		pthread_mutex_unlock(&c->iomu);
+		count_answer(c, false, EIO, done);
+		send_read(c, in->unique, EIO, scratch, done);
+		return;
+	}
 	k = calloc(1, sizeof(*k));
 	if (k != NULL) {
 		k->sess = s;
@@ -620,20 +628,6 @@ dm_sess_call_write(dm_sess *s, struct dm_exec *x, const struct dm_call_in *in, c
 	dm_sess_ref(s);
 	pump(s, x);
 	dm_sess_unref(s);
-}
-
-int
-dm_sess_call_would_submit(dm_sess *s)
-{
-	dm_core *c = s->core;
-	unsigned outstanding;
-	bool would;
-
-	pthread_mutex_lock(&c->iomu);
-	dm_sess_counts(s, &outstanding, NULL);
-	would = !s->pumping && s->whead == NULL && outstanding < s->depth && !ending(s);
-	pthread_mutex_unlock(&c->iomu);
-	return would;
 }
 
 void

@@ -50,8 +50,12 @@
 #define MAX_PAGES	256		/* FUSE_MAX_MAX_PAGES: the kernel's largest request */
 #define WAKE_SIGNAL	SIGURG		/* interrupts a reader's read() when stopping */
 #define STOP_RETRY_NS	20000000L	/* resend it this often until the reader is gone */
+#define STOP_WAIT_NS	2000000000L	/* then leave it: it is stuck in a client's memory */
 #define SOCKET_BUFFER	(8 << 20)	/* room for libfuse's largest answers */
-#define MIN_READERS	2		/* one may submit a write while the other reads */
+#define MIN_READERS	1		/* more when readers are stuck in clients' memory */
+#define STALL_NS	2000000L	/* a reader this long in a client's memory may be stuck */
+#define TICK_NS		5000000L	/* the watchdog looks this often while clients are active */
+#define IDLE_NS		1000000000L	/* and sleeps after this long without a write */
 
 /* A message for libfuse. */
 struct msg {
@@ -78,6 +82,7 @@ struct reader {
 	struct reader *next;
 	dm_transport *t;
 	pthread_t thread;
+	int64_t client_since;		/* in a client's memory since (t->mu), or 0 */
 	struct dm_exec *x;		/* made when it first submits a write */
 	unsigned char *buf;		/* a request */
 	unsigned char *scratch;		/* an answer */
@@ -97,6 +102,11 @@ struct dm_transport {
 	pthread_mutex_t mu;		/* readers, state */
 	struct reader *readers;
 	unsigned nreaders;
+	unsigned in_client;		/* readers touching a client's memory now */
+	int64_t last_active;		/* CLOCK_MONOTONIC of the last write */
+	pthread_cond_t wdcv;		/* wakes the watchdog (monotonic clock) */
+	pthread_t watchdog;
+	bool watchdog_asleep;
 	atomic_uint idle;
 	atomic_bool stopping;
 	atomic_int state;
@@ -112,6 +122,7 @@ struct dm_transport {
 	pthread_t forwarder, relayer;
 	bool threads_started;
 	bool stopped;
+	bool abandoned;			/* a reader never came back: t must outlive it */
 
 	pthread_mutex_t pmu;		/* pending answers to look at */
 	struct pending *pend;
@@ -122,6 +133,15 @@ struct dm_transport {
 };
 
 /* --- small helpers --------------------------------------------------------- */
+
+static int64_t
+monotonic_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 static void
 set_state(dm_transport *t, int state, const char *fmt, ...)
@@ -177,6 +197,20 @@ sink_write(void *ctx, uint64_t unique, int err, size_t accepted)
 		send_answer(ctx, unique, err, NULL, 0);
 	else
 		send_answer(ctx, unique, 0, &out, sizeof(out));
+}
+
+/* Is tid a thread of the server itself (a fault on a session file's mapping)? */
+static int
+sink_own_thread(void *ctx, int tid)
+{
+	dm_transport *t = ctx;
+	char name[16];
+
+	snprintf(name, sizeof(name), "%d", tid);
+	if (tid <= 0 || faccessat(t->taskdir, name, F_OK, 0) != 0)
+		return 0;
+	atomic_fetch_add(&t->self_reads, 1);
+	return 1;
 }
 
 static void
@@ -445,24 +479,75 @@ relayer_main(void *arg)
 
 static int spawn_reader(dm_transport *t);
 
-/* May this reader touch client memory now?  Only while another reader waits
- * in read(): a fault on a FUSE file of this mount needs one. */
-static bool
-spare_reader(dm_transport *t)
+/*
+ * A reader is about to touch a client's memory (a write's iovec arrays, small
+ * requests' data), which may be a mapping of a FUSE file: of this mount, whose
+ * READ only another reader can take, or of a slow one.  The watchdog starts a
+ * reader when every reader has been in a client's memory for STALL_NS.
+ */
+static void
+enter_client(dm_transport *t, struct reader *r)
 {
-	if (atomic_load(&t->idle) > 0)
-		return true;
-	return spawn_reader(t) == 0;
+	int64_t now = monotonic_ns();
+
+	pthread_mutex_lock(&t->mu);
+	r->client_since = now;
+	t->in_client++;
+	t->last_active = now;
+	if (t->watchdog_asleep)
+		pthread_cond_signal(&t->wdcv);
+	pthread_mutex_unlock(&t->mu);
 }
 
-/* Is tid a thread of the server itself (a fault on a session file's mapping)? */
-static bool
-own_thread(dm_transport *t, uint32_t tid)
+static void
+leave_client(dm_transport *t, struct reader *r)
 {
-	char name[16];
+	pthread_mutex_lock(&t->mu);
+	r->client_since = 0;
+	t->in_client--;
+	pthread_mutex_unlock(&t->mu);
+}
 
-	snprintf(name, sizeof(name), "%u", tid);
-	return faccessat(t->taskdir, name, F_OK, 0) == 0;
+/* Is every reader stuck in a client's memory?  (Under t->mu.) */
+static bool
+all_stuck(dm_transport *t, int64_t now)
+{
+	if (t->nreaders == 0 || t->in_client < t->nreaders)
+		return false;
+	for (struct reader *r = t->readers; r != NULL; r = r->next)
+		if (r->client_since == 0 || now - r->client_since < STALL_NS)
+			return false;
+	return true;
+}
+
+static void *
+watchdog_main(void *arg)
+{
+	dm_transport *t = arg;
+
+	pthread_mutex_lock(&t->mu);
+	while (!atomic_load(&t->stopping)) {
+		struct timespec until;
+		int64_t now = monotonic_ns();
+
+		if (now - t->last_active > IDLE_NS) {
+			/* No write for a while: sleep until the next one. */
+			t->watchdog_asleep = true;
+			pthread_cond_wait(&t->wdcv, &t->mu);
+			t->watchdog_asleep = false;
+			continue;
+		}
+		until.tv_sec = (now + TICK_NS) / 1000000000L;
+		until.tv_nsec = (now + TICK_NS) % 1000000000L;
+		pthread_cond_timedwait(&t->wdcv, &t->mu, &until);
+		if (!atomic_load(&t->stopping) && all_stuck(t, monotonic_ns())) {
+			pthread_mutex_unlock(&t->mu);
+			(void)spawn_reader(t);	/* at max_readers, what waits waits */
+			pthread_mutex_lock(&t->mu);
+		}
+	}
+	pthread_mutex_unlock(&t->mu);
+	return NULL;
 }
 
 /* FUSE_INIT from the kernel: refuse what cannot work, keep libfuse off io_uring. */
@@ -506,13 +591,6 @@ dispatch(struct reader *r, size_t n)
 
 		if (arglen < sizeof(*a) || (s = lookup(t, a->fh)) == NULL)
 			break;
-		if (own_thread(t, in->pid)) {
-			/* A fault on a mapping of a session file, inside the server's
-			 * own access to a client: never wait on ourselves. */
-			atomic_fetch_add(&t->self_reads, 1);
-			send_answer(t, in->unique, EIO, NULL, 0);
-			return;
-		}
 		call = (struct dm_call_in){ in->unique, (int)in->pid, (a->flags & O_NONBLOCK) != 0 };
 		atomic_fetch_add(&t->session_calls, 1);
 		if (a->size > t->bufsize) {
@@ -538,14 +616,14 @@ dispatch(struct reader *r, size_t n)
 		}
 		call = (struct dm_call_in){ in->unique, (int)in->pid, (a->flags & O_NONBLOCK) != 0 };
 		atomic_fetch_add(&t->session_calls, 1);
-		/* A write that will only wait needs no spare reader, nor a context. */
-		if (dm_sess_call_would_submit(s)) {
-			if (spare_reader(t) && (r->x != NULL || (r->x = dm_core_exec_new(t->core)) != NULL))
-				x = r->x;
-			else
-				atomic_fetch_add(&t->to_workers, 1);
-		}
+		if (r->x == NULL && (r->x = dm_core_exec_new(t->core)) == NULL)
+			atomic_fetch_add(&t->to_workers, 1);	/* no memory for a context: a worker submits */
+		x = r->x;
+		if (x != NULL)
+			enter_client(t, r);
 		dm_sess_call_write(s, x, &call, arg + sizeof(*a), a->size);
+		if (x != NULL)
+			leave_client(t, r);
 		return;
 	}
 	case FUSE_POLL: {
@@ -581,8 +659,11 @@ dispatch(struct reader *r, size_t n)
 
 static void reader_free(struct reader *r);
 
-/* Take r out of the pool if it has more than MIN_READERS; true if it left
- * (detached, its memory freed: the caller returns at once). */
+/*
+ * Take r out of the pool when it is not needed: more than MIN_READERS, and
+ * another reader free of client memory without it.  True if it left
+ * (detached, its memory freed: the caller returns at once).
+ */
 static bool
 leave_pool(struct reader *r)
 {
@@ -591,7 +672,7 @@ leave_pool(struct reader *r)
 	bool left = false;
 
 	pthread_mutex_lock(&t->mu);
-	if (t->nreaders > MIN_READERS && !atomic_load(&t->stopping)) {
+	if (t->nreaders > MIN_READERS && t->nreaders - 1 - t->in_client >= 1 && !atomic_load(&t->stopping)) {
 		for (p = &t->readers; *p != NULL; p = &(*p)->next)
 			if (*p == r) {
 				*p = r->next;
@@ -647,10 +728,8 @@ reader_main(void *arg)
 		if ((size_t)n >= sizeof(struct fuse_in_header) &&
 		    ((const struct fuse_in_header *)r->buf)->len == (uint32_t)n)
 			dispatch(r, (size_t)n);
-		/* A reader started for a burst goes once two others wait (as libfuse's
-		 * max_idle_threads): the pool shrinks back when the clients' memory
-		 * stops holding readers up. */
-		if (atomic_load(&t->idle) >= MIN_READERS && leave_pool(r))
+		/* The pool shrinks back once clients' memory stops holding readers. */
+		if (leave_pool(r))
 			return NULL;
 	}
 	return NULL;
@@ -784,6 +863,14 @@ dm_transport_new(dm_core *core, const struct dm_transport_config *cfg, char *msg
 	pthread_mutex_init(&t->fmu, NULL);
 	pthread_cond_init(&t->fcv, NULL);
 	pthread_mutex_init(&t->pmu, NULL);
+	{
+		pthread_condattr_t ca;
+
+		pthread_condattr_init(&ca);
+		pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+		pthread_cond_init(&t->wdcv, &ca);
+		pthread_condattr_destroy(&ca);
+	}
 	t->ftail = &t->fhead;
 
 	if ((e = install_wake_handler()) != 0) {
@@ -820,7 +907,7 @@ dm_transport_new(dm_core *core, const struct dm_transport_config *cfg, char *msg
 	}
 	{
 		struct dm_sink sink = { .ctx = t, .answer_read = sink_read, .answer_write = sink_write,
-		    .wake_poll = sink_poll };
+		    .wake_poll = sink_poll, .is_own_thread = sink_own_thread };
 
 		dm_core_set_sink(core, &sink);
 	}
@@ -855,12 +942,23 @@ dm_transport_start(dm_transport *t)
 		pthread_join(t->forwarder, NULL);
 		atomic_store(&t->stopping, false);
 	}
+	if (err == 0 && (err = pthread_create(&t->watchdog, NULL, watchdog_main, t)) != 0) {
+		atomic_store(&t->stopping, true);
+		pthread_mutex_lock(&t->fmu);
+		pthread_cond_broadcast(&t->fcv);
+		pthread_mutex_unlock(&t->fmu);
+		pthread_join(t->forwarder, NULL);
+		shutdown(t->relay, SHUT_RDWR);
+		pthread_join(t->relayer, NULL);
+		atomic_store(&t->stopping, false);
+	}
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	if (err != 0)
 		return err;
 	t->threads_started = true;
 	pthread_setname_np(t->forwarder, "dmoverfs-fwd");
 	pthread_setname_np(t->relayer, "dmoverfs-relay");
+	pthread_setname_np(t->watchdog, "dmoverfs-watch");
 	for (unsigned i = 0; i < MIN_READERS && err == 0; i++)
 		err = spawn_reader(t);
 	return err;
@@ -921,9 +1019,11 @@ stop_readers(dm_transport *t)
 	t->nreaders = 0;
 	pthread_mutex_unlock(&t->mu);
 	for (; r != NULL; r = next) {
+		bool joined = false;
+
 		next = r->next;
 		/* Resent until it lands: one sent just before the read() began is lost. */
-		for (;;) {
+		for (long waited = 0; waited < STOP_WAIT_NS && !joined; waited += STOP_RETRY_NS) {
 			struct timespec until;
 
 			pthread_kill(r->thread, WAKE_SIGNAL);
@@ -933,10 +1033,16 @@ stop_readers(dm_transport *t)
 				until.tv_sec++;
 				until.tv_nsec -= 1000000000L;
 			}
-			if (pthread_timedjoin_np(r->thread, NULL, &until) == 0)
-				break;
+			joined = pthread_timedjoin_np(r->thread, NULL, &until) == 0;
 		}
-		reader_free(r);
+		if (joined) {
+			reader_free(r);
+		} else {
+			/* Stuck in a client's memory (a FUSE file that never answers):
+			 * it must not hold the server's exit, and may still wake. */
+			pthread_detach(r->thread);
+			t->abandoned = true;
+		}
 	}
 }
 
@@ -953,6 +1059,10 @@ dm_transport_stop(dm_transport *t)
 		fuse_session_unmount(t->mount_se);
 	stop_readers(t);
 	if (t->threads_started) {
+		pthread_mutex_lock(&t->mu);
+		pthread_cond_broadcast(&t->wdcv);
+		pthread_mutex_unlock(&t->mu);
+		pthread_join(t->watchdog, NULL);
 		pthread_mutex_lock(&t->fmu);
 		pthread_cond_broadcast(&t->fcv);
 		pthread_mutex_unlock(&t->fmu);
@@ -970,6 +1080,11 @@ dm_transport_free(dm_transport *t)
 	if (t == NULL)
 		return;
 	dm_transport_stop(t);
+	if (t->abandoned) {
+		/* A stuck reader may still touch t: leave it to the process's exit,
+		 * with the connection (our descriptor) that the reader holds. */
+		return;
+	}
 	/* The last descriptor of the connection: the kernel fails what still waits. */
 	if (t->devfd >= 0)
 		close(t->devfd);
@@ -1004,6 +1119,7 @@ dm_transport_free(dm_transport *t)
 	if (t->taskdir >= 0)
 		close(t->taskdir);
 	pthread_mutex_destroy(&t->pmu);
+	pthread_cond_destroy(&t->wdcv);
 	pthread_cond_destroy(&t->fcv);
 	pthread_mutex_destroy(&t->fmu);
 	pthread_rwlock_destroy(&t->rwl);
