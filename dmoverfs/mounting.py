@@ -28,8 +28,8 @@ class MountError(Exception):
     """A mount or unmount that could not be done; the message says why."""
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
+def unescape(field: str) -> str:
+    """A field of /proc/self/mountinfo as it is: the kernel writes space, tab, newline and backslash as \\ooo."""
     out, i = [], 0
     while i < len(field):
         code = field[i + 1 : i + 4]
@@ -49,7 +49,7 @@ def mounts(fstype: str = FSTYPE) -> list[Path]:
         for line in f:
             left, _, right = line.partition(" - ")
             if right.split(" ", 1)[0] == fstype:
-                found.append(Path(_unescape(left.split(" ")[4])))
+                found.append(Path(unescape(left.split(" ")[4])))
     return found
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from dmoverfs import mounting
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 INCLUDE = ROOT / "csrc" / "include"
@@ -283,20 +285,6 @@ def wait_blocked_in_fuse(child: Child, timeout: float = 10.0) -> None:
 # -- FUSE connections -----------------------------------------------------------------------
 
 
-def _unescape(field: str) -> str:
-    # mountinfo writes space, tab, newline and backslash as \ooo.
-    out, i = [], 0
-    while i < len(field):
-        code = field[i + 1 : i + 4]
-        if field[i] == "\\" and len(code) == 3 and code.isdigit():
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mount_device(mountpoint: Path) -> tuple[int, int] | None:
     """(major, minor) of the mount at *mountpoint*, from /proc/self/mountinfo (no request to the
     file system, which may not answer), or None if nothing is mounted there."""
@@ -305,7 +293,7 @@ def mount_device(mountpoint: Path) -> tuple[int, int] | None:
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split(" ")
-            if _unescape(fields[4]) == target:
+            if mounting.unescape(fields[4]) == target:
                 major, minor = fields[2].split(":")
                 found = (int(major), int(minor))  # the last one is on top
     return found

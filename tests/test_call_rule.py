@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
+
 from core_harness import IOV_MAX, REQ, RESP, UNMAPPED, Core, Mem, Resp, Sess, build_core_module, core_module, pack_req, whole
 
 #: Transfers at least this long that are not whole structs are pieces of a larger one the kernel cut.

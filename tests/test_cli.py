@@ -171,6 +171,8 @@ def test_mount_refuses_when_the_transport_cannot_work(background, tmp_path):
 )
 def test_commands_and_client_never_import_the_server(code):
     """The CLI's small commands, `dmoverfs status` and the client load neither pyfuse3 nor the server's C."""
-    check = "import sys; assert not {'pyfuse3', 'dmoverfs._server', 'dmoverfs.server.main'} & set(sys.modules), sys.modules.keys()"
+    check = (
+        "import sys; assert not {'pyfuse3', 'dmoverfs._server', 'dmoverfs.server.main'} & set(sys.modules), sys.modules.keys()"
+    )
     result = subprocess.run([sys.executable, "-c", f"{code}\n{check}"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -25,6 +25,9 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from core_harness import (
     IOV_MAX,
     UNMAPPED,
@@ -40,8 +43,6 @@ from core_harness import (
     until,
     whole,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 SSIZE_MAX = 2**63 - 1
 GUARD = 0xA5  # fill of the gaps around scattered pieces

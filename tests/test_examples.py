@@ -19,6 +19,7 @@ import pytest
 
 import dmio
 from dmoverfs import wire
+from programs import compiler
 
 ROOT = Path(__file__).resolve().parent.parent
 INCLUDE = ROOT / "csrc" / "include"
@@ -33,14 +34,6 @@ CRC_CHECK = 0xE3069283  # CRC32C of b"123456789"
 
 
 # -- building and running -------------------------------------------------------------
-
-
-def compiler() -> str:
-    name = os.environ.get("CC", "cc")
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"no C compiler ({name!r}) on PATH: these tests need one (scripts/setup installs gcc)")
-    return path
 
 
 def compile_c(source: Path, output: Path, flags: list[str]) -> Path:
@@ -297,7 +290,7 @@ def test_header_compiles_pedantic(tmp_path, std):
 
 
 def test_header_sizes_match_wire_and_cffi(c_layout):
-    from dmoverfs._core import ffi
+    from dmoverfs._server import ffi
 
     for c_name, wire_size, ffi_name in [
         ("struct dmio_usrreq", wire.REQ_SIZE, "struct dmio_usrreq"),
@@ -313,7 +306,7 @@ def test_header_sizes_match_wire_and_cffi(c_layout):
 
 
 def test_header_offsets_match_wire_and_cffi(c_layout):
-    from dmoverfs._core import ffi
+    from dmoverfs._server import ffi
 
     expected_req = {"req_outbuf": 0, "req_outbuf.dmbuf_iovcnt": 8, "req_immediate": 16, "req_inbuf": 24, "req_id": 32}
     for member, offset in expected_req.items():
@@ -330,7 +323,7 @@ def test_header_offsets_match_wire_and_cffi(c_layout):
 
 def test_header_bytes_match_wire_and_cffi(c_layout):
     """A request and a response filled in C are byte for byte what Python packs."""
-    from dmoverfs._core import ffi
+    from dmoverfs._server import ffi
 
     c_req = bytes.fromhex(c_layout["bytes req"])
     assert wire.USRREQ.pack(*REQ_VALUES) == c_req

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from users import TempUser, python_paths
 
 from conftest import require_fuse, temp_root
 from default_path import VENV_DMOVERFS, dmoverfs_in_default_path
 from dmio import open_session, request, run, whole
 from dmoverfs import cli, mount_helper, mounting
+from users import TempUser, python_paths
 
 
 def require_mount_tools() -> None:

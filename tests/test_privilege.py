@@ -34,11 +34,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from users import LineProcess, TempUser, cmdline, fuse_conf, kill_and_wait, pids_of_uid, python_paths
 
 from conftest import Server, temp_root
 from dmio import wait_for
 from dmoverfs import mounting
+from users import LineProcess, TempUser, cmdline, fuse_conf, kill_and_wait, pids_of_uid, python_paths
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

@@ -1,4 +1,4 @@
-"""Which build of the C core this run uses, and (under scripts/test --sanitize)
+"""Which build of the server's C (core and transport) this run uses, and (under scripts/test --sanitize)
 that the sanitizer runtime reaches every process that loads it and no other.
 
 A plain run must use the normal core, whatever an earlier sanitized run
@@ -19,7 +19,7 @@ def asan_in_maps(pid: int | str = "self") -> bool:
 
 
 def test_installed_core_is_the_flavour_of_this_run():
-    import dmoverfs._core as core
+    import dmoverfs._server as core
 
     sanitized = b"__asan_report" in Path(core.__file__).read_bytes()
     assert sanitized == SANITIZE, f"{core.__file__} sanitized={sanitized}, DMOVERFS_SANITIZE={SANITIZE}"

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from programs import interrupted_after
 
 from dmio import (
     RESP,
@@ -44,6 +43,7 @@ from dmio import (
     wait_for,
     whole,
 )
+from programs import interrupted_after
 
 DEADLINE_S = 10.0
 #: A non-blocking call returns within this (else it is interrupted and the test fails).

@@ -27,6 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from conftest import Server
+from dmio import RESP, collect, errno_of, open_session, raw_request, request, submit, wait_for, whole
+from dmoverfs import mounting
 from programs import (
     FUSE_WAIT,
     Builder,
@@ -41,10 +45,6 @@ from programs import (
     wait_blocked_in_fuse,
     wait_threads,
 )
-
-from conftest import Server
-from dmio import RESP, collect, errno_of, open_session, raw_request, request, submit, wait_for, whole
-from dmoverfs import mounting
 
 #: SPEC.md's deadlines: a killed client is gone, an interrupted call returns, within a second.
 DEADLINE_S = 1.0

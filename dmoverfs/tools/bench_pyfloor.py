@@ -24,10 +24,10 @@ import signal
 import stat
 import time
 
+import pyfuse3
 import trio
 
 from dmoverfs.server.core import Core, CoreSession
-import pyfuse3
 from dmoverfs.server.process import open_pidfd, thread_group
 from dmoverfs.tunables import Tunables
 from dmoverfs.wire import REQ_SIZE, RESP_SIZE, XATTR_FUNCTION
