@@ -114,19 +114,10 @@ start_workers(dm_core *c)
 	return err;
 }
 
-static int64_t
-monotonic_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 void
 dm_core_check_stalls(dm_core *c)
 {
-	int64_t now = monotonic_ns();
+	int64_t now = dm_clock_ns(CLOCK_MONOTONIC);
 
 	pthread_mutex_lock(&c->qmu);
 	if (c->qhead != NULL || c->phead != NULL) {

@@ -20,6 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/uio.h>
+#include <time.h>
 
 #include <dev/dmover/dmover_io.h>
 #include "dmcore.h"
@@ -41,6 +42,16 @@ _Static_assert(DM_XFER_MAX <= DM_RW_MAX, "a pattern write fits one syscall");
 
 struct dm_exec;
 struct dm_req;
+
+/* Nanoseconds on clock id. */
+static inline int64_t
+dm_clock_ns(clockid_t id)
+{
+	struct timespec ts;
+
+	clock_gettime(id, &ts);
+	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 /*
  * Run one decoded request whose function constraints already hold.  imm

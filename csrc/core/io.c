@@ -56,15 +56,6 @@
 /* What a caller's pending signals mean for its blocked call. */
 enum verdict { V_WAIT, V_HANDLED, V_FATAL };
 
-static int64_t
-clock_ns(clockid_t id)
-{
-	struct timespec ts;
-
-	clock_gettime(id, &ts);
-	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 /* --- the live calls, by request id (core->iomu) --------------------------- */
 
 static size_t
@@ -380,7 +371,7 @@ dm_sess_call_read(dm_sess *s, const struct dm_call_in *in, size_t len, void *scr
 		err = usable(s);
 	/* As NetBSD: a read that gets past the length and the function is stamped, EAGAIN included. */
 	if (err == 0)
-		atomic_store(&s->atime_ns, clock_ns(CLOCK_REALTIME));
+		atomic_store(&s->atime_ns, dm_clock_ns(CLOCK_REALTIME));
 	if (err != 0 || want == 0) {
 		count_answer(c, false, err, 0);
 		send_read(c, in->unique, err, NULL, 0);
@@ -574,7 +565,7 @@ dm_sess_call_write(dm_sess *s, struct dm_exec *x, const struct dm_call_in *in, c
 		err = usable(s);
 	/* As NetBSD: stamped once past the length and the function, failing requests included. */
 	if (err == 0)
-		atomic_store(&s->mtime_ns, clock_ns(CLOCK_REALTIME));
+		atomic_store(&s->mtime_ns, dm_clock_ns(CLOCK_REALTIME));
 	if (err != 0 || nreq == 0) {
 		count_answer(c, true, err, 0);
 		send_write(c, in->unique, err, 0);
@@ -776,7 +767,7 @@ judge(dm_core *c, struct dm_call *k, enum verdict v, struct dm_call **chain)
 			c->io.interrupts_ignored++;
 			pthread_cond_signal(&c->watchcv);
 		}
-		k->recheck_ns = clock_ns(CLOCK_MONOTONIC) + RECHECK_NS;
+		k->recheck_ns = dm_clock_ns(CLOCK_MONOTONIC) + RECHECK_NS;
 		return;
 	}
 	c->io.interrupts_eintr++;
@@ -864,7 +855,7 @@ watch_main(void *arg)
 		pthread_mutex_lock(&c->iomu);
 		if (c->nsignal == 0 || due == NULL)
 			continue;
-		now = clock_ns(CLOCK_MONOTONIC);
+		now = dm_clock_ns(CLOCK_MONOTONIC);
 		for (size_t b = 0; b < c->cbuckets && n < RECHECK_BATCH; b++)
 			for (struct dm_call *k = c->ctab[b]; k != NULL && n < RECHECK_BATCH; k = k->hnext)
 				if (k->waiting_signal && k->recheck_ns <= now)

@@ -24,15 +24,6 @@
  */
 #define DM_RECHECK_NS		1000000
 
-static int64_t
-monotonic_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 void
 dm_rcur_init(struct dm_rcur *c, const struct iovec *iov, size_t cnt)
 {
@@ -100,7 +91,7 @@ peer_ready(struct dm_exec *x, struct dm_peer *p, size_t bytes)
 	if (atomic_load_explicit(&p->gone, memory_order_relaxed))
 		return EFAULT;
 	if (x->budget == 0) {
-		int64_t now = monotonic_ns();
+		int64_t now = dm_clock_ns(CLOCK_MONOTONIC);
 
 		if (now - atomic_load_explicit(&p->alive_ns, memory_order_relaxed) >= DM_RECHECK_NS) {
 			/* Readable means exited: from then on the pid may name another process. */
@@ -136,7 +127,7 @@ xfer(struct dm_exec *x, struct dm_peer *p, bool write, size_t nloc, size_t nrem,
 	if (err != 0)
 		return err;
 	/* Seen by dm_core_check_stalls: a fault on a slow FUSE file can hold this call. */
-	atomic_store_explicit(&x->in_xfer_ns, monotonic_ns(), memory_order_relaxed);
+	atomic_store_explicit(&x->in_xfer_ns, dm_clock_ns(CLOCK_MONOTONIC), memory_order_relaxed);
 	if (write)
 		n = process_vm_writev(p->pid, x->loc, nloc, x->rem, nrem, 0);
 	else

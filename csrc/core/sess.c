@@ -14,20 +14,11 @@
 
 #include "dmint.h"
 
-static int64_t
-realtime_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_REALTIME, &ts);
-	return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 dm_sess *
 dm_sess_new(dm_core *core, uint64_t id, int pid, int pidfd, unsigned depth)
 {
 	dm_sess *s;
-	int64_t now = realtime_ns();
+	int64_t now = dm_clock_ns(CLOCK_REALTIME);
 
 	/* Without a pidfd a reused pid could not be told apart: refuse. */
 	if (core == NULL || pidfd < 0 || pid <= 0 || depth == 0)
