@@ -281,6 +281,26 @@ pidfd_open_(pid_t pid)
 	return fd;
 }
 
+/*
+ * Unregistering takes the length glibc registered the area with, which it
+ * does not export and which is not sizeof(struct rseq): glibc 2.42 registers
+ * 32 bytes while its header's struct is 64.  A wrong length is refused
+ * (EINVAL) and changes nothing, so try each multiple of the alignment.
+ */
+static bool
+unregister_rseq(void)
+{
+	void *area = (char *)__builtin_thread_pointer() + __rseq_offset;
+
+	for (uint32_t len = 32; len <= 4096; len += 32) {
+		if (syscall(SYS_rseq, area, len, RSEQ_FLAG_UNREGISTER, RSEQ_SIG) == 0)
+			return true;
+		if (errno != EINVAL)
+			return false;
+	}
+	return false;
+}
+
 /* Does /proc/PID/maps show nothing but the window (and the vsyscall page)? */
 static bool
 child_ready(pid_t pid)
@@ -342,9 +362,11 @@ start_clients(void)
 		mprotect((void *)(uintptr_t)RO, PAGE, PROT_READ);
 		/* The kernel writes to the thread's rseq area on preemption: a
 		 * registration left pointing at unmapped memory earns SIGSEGV. */
-		if (__rseq_size > 0)
-			syscall(SYS_rseq, (char *)__builtin_thread_pointer() + __rseq_offset,
-			    (uint32_t)sizeof(struct rseq), RSEQ_FLAG_UNREGISTER, RSEQ_SIG);
+		if (__rseq_size > 0 && !unregister_rseq()) {
+			fprintf(stderr, "fuzz_decode: cannot unregister the client child's rseq area: %s\n",
+			    strerror(errno));
+			_exit(1);
+		}
 		/* A jump, not a call through a function pointer: clang 19's
 		 * UBSan checks such a call by reading the 8 bytes before the
 		 * callee, here the unmapped page below the window. */
