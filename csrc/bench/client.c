@@ -474,6 +474,28 @@ struct big_args {
 	uint64_t dur;
 };
 
+/* One request per write and one response per read, for dur ns: the
+ * round trips made and how long they took. */
+static struct result
+round_trips(int fd, const struct dmio_usrreq *req, uint64_t size, uint64_t dur)
+{
+	struct dmio_usrresp resp;
+	struct result r = { 0, 0, 0 };
+	uint64_t t0, t;
+
+	t0 = t = now_ns();
+	do {
+		write_all(fd, req, sizeof(*req));
+		read_all(fd, &resp, sizeof(resp));
+		r.ops++;
+		t = now_ns();
+	} while (t - t0 < dur);
+	check_responses(&resp, 1);
+	r.ns = t - t0;
+	r.bytes = r.ops * size;
+	return r;
+}
+
 static struct result
 big_one(const void *arg, const struct barrier *b)
 {
@@ -487,8 +509,7 @@ big_one(const void *arg, const struct barrier *b)
 	unsigned char *out = NULL, *in[MAX_INPUTS];
 	struct dmio_usrreq req;
 	struct dmio_usrresp resp;
-	struct result r = { 0, 0, 0 };
-	uint64_t t0, t;
+	struct result r;
 	int fd = open_session(path, name);
 
 	memset(&req, 0, sizeof(req));
@@ -516,16 +537,7 @@ big_one(const void *arg, const struct barrier *b)
 	check_big(&f, name, out, in, size, &resp);
 
 	barrier_wait(b);
-	t0 = t = now_ns();
-	do {
-		write_all(fd, &req, sizeof(req));
-		read_all(fd, &resp, sizeof(resp));
-		r.ops++;
-		t = now_ns();
-	} while (t - t0 < dur);
-	check_responses(&resp, 1);
-	r.ns = t - t0;
-	r.bytes = r.ops * size;
+	r = round_trips(fd, &req, size, dur);
 	close(fd);
 	return r;
 }
@@ -788,16 +800,7 @@ mode_copyref(const char *path, uint64_t size_arg, uint64_t dur, uint64_t chunk_a
 	if (memcmp(src, dst, size) != 0)
 		die("copyref: %s", "the bounce copy differs", 0);
 
-	t0 = t = now_ns();
-	do {
-		write_all(fd, &req, sizeof(req));
-		read_all(fd, &resp, sizeof(resp));
-		r.ops++;
-		t = now_ns();
-	} while (t - t0 < dur);
-	check_responses(&resp, 1);
-	r.ns = t - t0;
-	r.bytes = r.ops * size;
+	r = round_trips(fd, &req, size, dur);
 
 	t0 = t = now_ns();
 	do {
