@@ -3,14 +3,17 @@
  * the rest to libfuse.  See transport.h.
  *
  * Threads:
- *  - readers read /dev/fuse.  A session READ, POLL or INTERRUPT is decided by
- *    the core at once, never touching client memory.  A session WRITE needs
- *    the client's memory (its iovec arrays, and the data of small requests),
- *    and that memory may be a mapping of a FUSE file - of this very mount,
- *    whose READ only another reader can take.  So a reader submits a write
- *    itself only while another reader is waiting in read(), starting one
- *    when none is (as libfuse's multi-threaded loop does); at the limit, the
- *    write goes to the core's workers.  Readers never wait for anything else.
+ *  - readers read /dev/fuse: one, normally (two blocked in read() would take
+ *    requests in turn, putting a cross-CPU hand-off in every round trip of a
+ *    lone client).  A session READ, POLL or INTERRUPT is decided by the core
+ *    at once, never touching client memory.  A session WRITE needs the
+ *    client's memory (its iovec arrays, and the data of small requests), and
+ *    that memory may be a mapping of a FUSE file - of this very mount, whose
+ *    READ only another reader can take, or of a slow one.  So the reader
+ *    notes when it enters a client's memory, and
+ *  - the watchdog starts another reader when every reader has been in a
+ *    client's memory for STALL_NS (up to max_readers; they leave once free
+ *    readers are back).  It ticks while writes come and sleeps otherwise.
  *  - the forwarder passes everything else to libfuse through the socket
  *    pair, from a queue, so a slow control plane never holds up a reader.
  *  - the relay reads libfuse's answers and notifications and writes them to
