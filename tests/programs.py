@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import queue
+import select
 import shutil
 import signal
 import subprocess
@@ -342,6 +343,7 @@ class Rescue:
         self.probes: dict[Path, Path] = {}
         self.aborted: list[Path] = []
         self.fds: list[int] = []
+        self.adopted: list[tuple[int, int]] = []
 
     def own(self, fd: int) -> int:
         """Close *fd* (a descriptor of this process on a watched mount) at the end, after the children."""
@@ -358,6 +360,15 @@ class Rescue:
         if probe is not None:
             self.probes[Path(mountpoint)] = probe
         return device[1]
+
+    def adopt(self, pid: int) -> None:
+        """Kill *pid* too at the end: a process a child started and left behind (a daemon).
+
+        Held through a pidfd from now on, so that a reused pid is never signalled."""
+        try:
+            self.adopted.append((pid, os.pidfd_open(pid)))
+        except ProcessLookupError:
+            pass
 
     def spawn(self, argv: Sequence[str | Path], pass_fds: Sequence[int] = (), env: dict[str, str] | None = None) -> Child:
         child = Child([str(a) for a in argv], pass_fds=pass_fds, env=env)
@@ -377,17 +388,31 @@ class Rescue:
         for child in self.children:
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGKILL)
+        for _, pidfd in self.adopted:
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         stuck = [c for c in self.children if not c.reap(3.0)]
         if stuck:
             problems.append(f"{len(stuck)} program(s) could not be reaped after SIGKILL")
+        # An adopted process is not our child: it is gone once its pidfd is readable (it exited).
+        lingering = [(pid, fd) for pid, fd in self.adopted if not select.select([fd], [], [], 3.0)[0]]
+        if lingering:
+            problems.append(f"adopted process(es) {[pid for pid, _ in lingering]} still alive after SIGKILL")
         silent = [m for m, p in self.probes.items() if mount_device(m) is not None and not answers(p, 3.0)]
         if silent:
             problems.append(f"mount(s) not answering: {', '.join(map(str, silent))}")
-        if stuck or silent:
+        if stuck or silent or lingering:
             self.abort()
             for child in stuck:
                 if not child.reap(10.0):
                     problems.append(f"still unreaped after aborting the mounts: {child.describe()}")
+            for pid, fd in lingering:
+                if not select.select([fd], [], [], 10.0)[0]:
+                    problems.append(f"adopted process {pid} still alive after aborting the mounts")
+        for _, fd in self.adopted:
+            os.close(fd)
         for fd in self.fds:
             try:
                 os.close(fd)
