@@ -16,7 +16,9 @@ The page every process lays out at an address (``lay_out`` below)::
     +4096  64 bytes, zero ("dst")
 
 ``page_copy(page, id)`` is a copy request that lies entirely inside such a page:
-written on a session, it copies the opener's src to the opener's dst.
+written on a session, it copies the writer's src to the writer's dst (SPEC.md,
+"Wire format": a request's pointers are addresses in the address space of the
+process that wrote it, whoever opened the session).
 """
 
 from __future__ import annotations
@@ -108,6 +110,22 @@ def page_copy(base, req_id):
 
 def dst_of(page):
     return bytes(page[4096:4160])
+
+def whose(dst):
+    # Whose bytes a dst holds: "zero", the label given to data() in the test, or their hex.
+    if dst == bytes(64):
+        return "zero"
+    text = dst.decode("latin-1").rstrip("#")
+    label = text[:-1] if text.endswith(" ") else text
+    return label if (label.encode("latin-1") + b" ").ljust(64, b"#") == dst else dst.hex()
+
+def round_trip(fd, req):
+    # The outcome of one request: the write's errno name if it failed, else its response's.
+    try:
+        os.write(fd, req)
+    except OSError as exc:
+        return name(exc.errno)
+    return name(collect(fd, 1)[0].error)
 """
 
 
@@ -611,8 +629,8 @@ say("result", out)
 """
 
 
-def test_a_session_reaches_only_its_openers_memory(root_server, user_a, user_b):
-    """Against a root server with --allow-other, which could reach any process, A reaches only A.
+def test_a_session_reaches_only_its_writers_memory(root_server, user_a, user_b):
+    """Against a root server with --allow-other, which could reach any process, A's requests reach only A.
 
     Three victims hold a secret at BASE (and, at BASE + 2048, an iovec array
     pointing at it): a root process, a process of user B, and another process
@@ -666,26 +684,26 @@ socket.send_fds(sock, [b"session"], [fd, path_fd])
 os.close(path_fd)
 say("sent", [os.getpid(), fd, os.fstat(fd).st_ino])
 hear("report")
-say("dst", dst_of(page).hex())
+say("dst", whose(dst_of(page)))
 hear("exit")
 """
 
 PASS_RECEIVER = """
 sock = socket.socket(fileno=SOCK)
 _, (fd, path_fd), _, _ = socket.recv_fds(sock, 64, 2)
+say("pid", os.getpid())
 out = {"fstat": err(os.fstat, fd)}
 if out["fstat"] == "OK":
     st = os.fstat(fd)
     out["session_inode"] = [st.st_uid, oct(stat.S_IMODE(st.st_mode))]
-# The same page at the same address, with our own bytes: a request inside it names both.
+# The same page at the same address as the opener's, with our own bytes: a request inside it names both.
 page = map_at(BASE); lay_out(page, BASE, RECEIVER)
-os.write(fd, page_copy(BASE, 1))
-out["copy_in_page"] = name(collect(fd, 1)[0].error)
-out["own_dst_untouched"] = dst_of(page) == bytes(64)
-# A page only we have: its iovec arrays are looked for in the opener, where there is nothing.
+out["copy_in_page"] = round_trip(fd, page_copy(BASE, 1))
+out["own_dst"] = whose(dst_of(page))
+# A page only we have (the opener has nothing at OTHER).
 other = map_at(OTHER); lay_out(other, OTHER, RECEIVER)
-out["copy_in_own_only_page"] = err(os.write, fd, page_copy(OTHER, 2))
-out["own_only_dst_untouched"] = dst_of(other) == bytes(64)
+out["copy_in_own_only_page"] = round_trip(fd, page_copy(OTHER, 2))
+out["own_only_dst"] = whose(dst_of(other))
 p = select.poll(); p.register(fd, select.POLLIN | select.POLLOUT)
 out["poll"] = p.poll(0)[0][1]
 # Attributes are checked against the inode (user.* xattrs need read permission): 0600, not ours.
@@ -694,7 +712,8 @@ out["xattr"] = err(os.getxattr, fd, XATTR_FUNCTION)
 out["reopen"] = err(os.open, f"/proc/self/fd/{path_fd}", os.O_RDWR)
 say("result", out)
 hear("opener gone")
-out = {"copy_in_page": err(os.write, fd, page_copy(BASE, 3)), "own_dst_untouched": dst_of(page) == bytes(64)}
+page[4096:4160] = 0
+out = {"copy_in_page": round_trip(fd, page_copy(BASE, 3)), "own_dst": whose(dst_of(page))}
 os.close(fd)
 say("after", out)
 """
@@ -731,28 +750,35 @@ def _reopen_as_root(pid: int, fd: int, ino: int) -> str:
         os.close(new)
 
 
-def _check_passed_session(opener: LineProcess, receiver: LineProcess, expected: dict, root_reopen: str) -> None:
+def _check_passed_session(opener: LineProcess, receiver: LineProcess, expected: dict, root_reopen: str, after: dict) -> int:
+    """The receiver's results, the opener's memory and the receiver's once the opener has exited.
+
+    Returns the receiver's pid.
+    """
     opener_pid, opener_fd, session_ino = json.loads(opener.expect("sent"))
+    receiver_pid = result(receiver, "pid")
     out = result(receiver)
     assert not mapped_in(opener_pid, OTHER)
     assert out == expected
     assert _reopen_as_root(opener_pid, opener_fd, session_ino) == root_reopen
-    # The receiver's request acted on the opener: the opener's dst now holds the opener's src.
+    # The receiver's requests never touched the opener: its dst is still zero.
     opener.send("report")
-    assert bytes.fromhex(json.loads(opener.expect("dst"))) == data("opener")
-    # Once the opener has exited, the session reaches nobody: EFAULT, and its pid is never used again.
+    assert json.loads(opener.expect("dst")) == "zero"
+    # The opener's exit changes nothing for the receiver, whose requests never involved it.
     opener.send("exit")
     assert opener.finish() == 0
     receiver.send("opener gone")
-    assert result(receiver, "after") == {"copy_in_page": "EFAULT", "own_dst_untouched": True}
+    assert result(receiver, "after") == after
     assert receiver.finish() == 0
+    return receiver_pid
 
 
-def test_a_session_passed_to_another_user_still_addresses_its_opener(root_server, user_a, user_b):
-    """SCM_RIGHTS from A to B (root server, --allow-other): B's requests act on A's memory, not B's.
+def test_a_session_passed_to_another_user_addresses_the_receivers_memory(root_server, user_a, user_b):
+    """SCM_RIGHTS from A to B (root server, --allow-other): B's requests act on B's memory, never A's.
 
-    A session descriptor is therefore a capability over its opener's memory:
-    whoever holds it can have the server read and write the opener's pages.
+    A session descriptor is no capability over its opener's memory: whoever
+    holds it moves only its own. The session's inode stays A's (0600), so B
+    can neither read its attributes nor open it anew.
     """
     mnt = root_server.mountpoint
     opener, receiver = _pass_session(user_a, user_b, mnt)
@@ -764,15 +790,16 @@ def test_a_session_passed_to_another_user_still_addresses_its_opener(root_server
                 "fstat": "OK",
                 "session_inode": [user_a.uid, "0o600"],
                 "copy_in_page": "OK",
-                "own_dst_untouched": True,
-                "copy_in_own_only_page": "EFAULT",
-                "own_only_dst_untouched": True,
+                "own_dst": "receiver",
+                "copy_in_own_only_page": "OK",
+                "own_only_dst": "receiver",
                 "poll": select.POLLOUT,
                 "xattr": "EACCES",
                 "reopen": "EACCES",
             },
             # default_permissions: the 0600 mode does not stop root (CAP_DAC_OVERRIDE).
             root_reopen="the same session",
+            after={"copy_in_page": "OK", "own_dst": "receiver"},
         )
     finally:
         opener.kill()
@@ -781,35 +808,40 @@ def test_a_session_passed_to_another_user_still_addresses_its_opener(root_server
 
 
 def test_a_session_passed_out_of_a_mount_without_allow_other(user_a, user_b, user_mount):
-    """A user mount without allow_other: a descriptor A passes to B still moves data (for A).
+    """A user mount without allow_other: a descriptor A passes to B moves nothing, of A's or of B's.
 
     FUSE applies allow_other to lookups, attributes, xattrs and opens, not to
-    read, write and poll on a file that is already open: B can drive the
-    session (acting on A's memory, through A's own server) but cannot fstat it.
+    read, write and poll on a file that is already open: B can write on the
+    session but cannot fstat it. B's requests name B's memory, which A's
+    unprivileged server may not reach: EPERM, explained in its log, and no
+    byte of A's memory or of B's changes.
     """
     um = user_mount()
     assert um.mount().returncode == 0
     opener, receiver = _pass_session(user_a, user_b, um.mountpoint)
     try:
-        _check_passed_session(
+        receiver_pid = _check_passed_session(
             opener,
             receiver,
             {
                 "fstat": "EACCES",
-                "copy_in_page": "OK",
-                "own_dst_untouched": True,
-                "copy_in_own_only_page": "EFAULT",
-                "own_only_dst_untouched": True,
+                "copy_in_page": "EPERM",
+                "own_dst": "zero",
+                "copy_in_own_only_page": "EPERM",
+                "own_only_dst": "zero",
                 "poll": select.POLLOUT,
                 "xattr": "EACCES",
                 "reopen": "EACCES",
             },
             root_reopen="EACCES",  # without allow_other, FUSE refuses root too
+            after={"copy_in_page": "EPERM", "own_dst": "zero"},
         )
     finally:
         opener.kill()
         receiver.kill()
     assert um.unmount().returncode == 0
+    explained = [line for line in um.log_text().splitlines() if str(receiver_pid) in line and "ptrace" in line.lower()]
+    assert explained, f"nothing in the server's log names client {receiver_pid} and ptrace:\n{um.log_text()}"
 
 
 FORK = """
@@ -821,35 +853,36 @@ child = os.fork()
 if child == 0:
     parent_fd = os.pidfd_open(parent)
     page[:64] = np.frombuffer(CHILD, np.uint8)        # copy-on-write: the parent still has PARENT
-    os.write(fd, page_copy(BASE, 1))
-    say("child", [name(collect(fd, 1)[0].error), dst_of(page).hex()])
+    say("child", [round_trip(fd, page_copy(BASE, 1)), whose(dst_of(page))])
     os.write(w, b"x")
-    select.select([parent_fd], [], [])                # until the parent (the opener) has exited
-    after = err(os.write, fd, page_copy(BASE, 2))
-    say("orphan", [after, dst_of(page).hex()])
+    select.select([parent_fd], [], [], 30)            # until the parent (the opener) has exited
+    page[4096:4160] = 0
+    say("orphan", [round_trip(fd, page_copy(BASE, 2)), whose(dst_of(page))])
     os._exit(0)
 os.read(r, 1)
-say("parent", [child, dst_of(page).hex()])
+say("parent", [child, whose(dst_of(page))])
+say("parent-own", [round_trip(fd, page_copy(BASE, 3)), whose(dst_of(page))])
 """
 
 
-def test_a_forked_child_addresses_its_parents_memory(root_server, user_a):
-    """A session inherited across fork still addresses the opener (the parent), even from the child.
+def test_a_forked_child_addresses_its_own_memory(root_server, user_a):
+    """A session inherited across fork addresses whichever process writes on it: the child its own memory.
 
     The child changes its copy-on-write copy of the source and writes a copy
-    request on the inherited descriptor: the parent's destination receives the
-    parent's source, the child's stays zero. After the parent exits, the
-    child's requests fail with EFAULT.
+    request on the inherited descriptor: the child's destination receives the
+    child's source, the parent's stays zero. The parent's own request then
+    acts on the parent; after the parent (the opener) exits, the child's
+    requests still act on the child.
     """
     mnt = root_server.mountpoint
     proc = spawn(user_a, mnt, f"PARENT = {data('parent')!r}\nCHILD = {data('child')!r}\n" + FORK, "fork")
     try:
-        error, child_dst = json.loads(proc.expect("child"))
-        assert error == "OK" and bytes.fromhex(child_dst) == bytes(64)
+        assert json.loads(proc.expect("child")) == ["OK", "child"]
         child, parent_dst = json.loads(proc.expect("parent"))
-        assert bytes.fromhex(parent_dst) == data("parent")
+        assert parent_dst == "zero"
+        assert json.loads(proc.expect("parent-own")) == ["OK", "parent"]
         assert proc.proc.wait(30) == 0
-        assert json.loads(proc.expect("orphan")) == ["EFAULT", bytes(64).hex()]
+        assert json.loads(proc.expect("orphan")) == ["OK", "child"]
         assert exited(child)
     finally:
         proc.kill()
