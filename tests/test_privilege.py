@@ -29,10 +29,14 @@ import os
 import re
 import secrets
 import select
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,6 +44,7 @@ import pytest
 from conftest import Server, temp_root
 from dmio import wait_for
 from dmoverfs import mounting
+from programs import Builder
 from users import LineProcess, TempUser, cmdline, fuse_conf, kill_and_wait, pids_of_uid, python_paths
 
 TESTS = Path(__file__).resolve().parent
@@ -887,3 +892,78 @@ def test_a_forked_child_addresses_its_own_memory(root_server, user_a):
     finally:
         proc.kill()
     assert wait_for(lambda: stats(mnt)["sessions"]["open"] == 0)
+
+
+# -- exec of a setuid-root program ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def programs(users_base: Path) -> Iterator[Builder]:
+    """tests/programs compiled where the users can run them."""
+    directory = users_base / "programs"
+    directory.mkdir(mode=0o755)
+    os.chmod(directory, 0o755)
+    yield Builder(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def words_after(proc: LineProcess, key: str, timeout: float = 30.0) -> list[str]:
+    """The words after *key* on the next line starting with it (other lines are skipped); fails at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        head, _, rest = proc.line(max(0.1, deadline - time.monotonic())).partition(" ")
+        if head == key:
+            return rest.split()
+
+
+def nosuid(path: Path) -> bool:
+    """True if *path*'s file system ignores set-user-ID bits."""
+    return bool(os.statvfs(path).f_flag & os.ST_NOSUID)
+
+
+def test_a_setuid_root_image_is_never_touched_by_requests_its_user_queued(users_base, user_a, programs):
+    """User A queues requests on a root --allow-other mount, then execs a setuid-root program at once.
+
+    The requests are A's and name A's memory; the new image is root's. A
+    holder (A's child) keeps the session open and, with the mount's one
+    worker, busy with a request of its own, so A's requests can only run
+    after the exec: none may succeed, and the setuid image, which maps a
+    region at their addresses right away, finds it untouched (execer.c,
+    image.c). The holder's copy of the region is untouched too.
+    """
+    home = users_base / "setuid"
+    home.mkdir()
+    os.chmod(home, 0o755)
+    image = home / "image"
+    shutil.copy(programs("image"), image)
+    os.chown(image, 0, 0)
+    os.chmod(image, 0o4755)
+    srv = Server(home / "mnt", ["--allow-other", "--workers", "1"]).start()
+    mnt = srv.mountpoint
+    count = 16
+    argv = [str(programs("execer")), str(mnt), str(image), str(16 << 20), str(count), str(512 << 20)]
+    pipes = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    proc = LineProcess(user_a.popen(argv, **pipes), "execer as user a")
+    try:
+        assert words_after(proc, "queued") == [str(40 * count), "0"]
+        pid, euid = (int(w) for w in words_after(proc, "mapped"))
+        assert pid == proc.pid
+        assert euid == 0 or nosuid(image), "the image did not run as root"
+        settled = wait_for(lambda: stats(mnt)["requests"]["in_flight"] == 0, 60)
+        proc.proc.send_signal(signal.SIGUSR1)  # read what came, look at the memory now
+        assert settled, stats(mnt)["requests"]
+        got, _, ok, _, efault, _, other, *first_other = words_after(proc, "responses")
+        assert words_after(proc, "memory") == ["00"], "the setuid image's memory was written"
+        assert (int(other), first_other) == (0, []), "a request failed with another error than EFAULT"
+        assert int(ok) == 0 and int(got) == int(efault) <= count, f"{got} responses, {ok} OK, {efault} EFAULT"
+        assert words_after(proc, "busy") == ["0", "5a"]
+        assert words_after(proc, "holder-memory") == ["33"], "the holder's memory was written"
+        assert proc.proc.wait(30) == 0
+        assert wait_for(lambda: stats(mnt)["sessions"]["open"] == 0)
+    finally:
+        proc.kill()
+        srv.stop()
+        log = srv.log()
+        srv.log_path.unlink(missing_ok=True)
+        shutil.rmtree(home, ignore_errors=True)
+    assert "Traceback" not in log and " CRITICAL " not in log, f"the server logged errors:\n{log}"

@@ -4,12 +4,13 @@
  *
  * usage: image SESSION_FD COUNT SIZE PIPE_FD
  * Maps SIZE bytes at EXEC_REGION (writer.h), where the previous image's
- * requests put their output, and prints "mapped PID" at once: the pages are
- * left untouched, so they read as zeros and the region is there from the
- * first instant (filling it with a pattern would take long enough for the
- * server's writes to be overwritten unseen).  Then reads responses from the
- * inherited session until COUNT have come or SIGUSR1 arrives (the test sends
- * it once the server has nothing left in flight), and prints
+ * requests put their output, and prints "mapped PID EUID" at once (EUID:
+ * this image may be setuid).  The pages are left untouched, so they read
+ * as zeros and the region is there from the first instant (filling it
+ * with a pattern would take long enough for the server's writes to be
+ * overwritten unseen).  Then reads responses from the inherited session
+ * until COUNT have come or SIGUSR1 arrives (the test sends it once the
+ * server has nothing left in flight), and prints
  *     responses GOT ok OK efault EFAULT other OTHER [FIRST-OTHER-ERROR]
  *     memory MEMORY       (the region, which must still be all 00)
  * Then closes PIPE_FD, the holder's cue to report, and waits for the
@@ -56,7 +57,7 @@ main(int argc, char **argv)
 	region = mmap(EXEC_REGION, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
 	if (region != EXEC_REGION)
 		die(prog, "mmap at EXEC_REGION");
-	say("mapped %d", (int)getpid());
+	say("mapped %d %d", (int)getpid(), (int)geteuid());
 
 	pfd.fd = fd;
 	pfd.events = POLLIN;
