@@ -220,6 +220,8 @@ prepare(struct dm_exec *x, dm_sess *s, const struct dm_func *fn, int func, const
 
 	r->next = r->xprev = r->xnext = NULL;
 	r->sess = s;
+	r->peer = x->peer;
+	dm_peer_ref(r->peer);
 	r->fn = fn;
 	r->func = func;
 	r->id = get32(w + W_ID);
@@ -279,7 +281,7 @@ dm_decode(struct dm_exec *x, dm_sess *s, const struct dm_func *fn, int func,
 		}
 		x->loc[0].iov_base = x->inbufs;
 		x->loc[0].iov_len = lim * each;
-		if ((re = dm_readv(x, &s->peer, 1, lim, lim * each, &got)) != 0) {
+		if ((re = dm_readv(x, x->peer, 1, lim, lim * each, &got)) != 0) {
 			lim = got / each;
 			e = re;
 		}
@@ -296,7 +298,7 @@ dm_decode(struct dm_exec *x, dm_sess *s, const struct dm_func *fn, int func,
 	}
 
 	if (bytes > 0) {
-		int re = dm_readv(x, &s->peer, nloc, nrem, bytes, &got);
+		int re = dm_readv(x, x->peer, nloc, nrem, bytes, &got);
 
 		if (re != 0) {
 			/* The first request not read whole holds the bad address. */
@@ -336,6 +338,7 @@ dm_decode(struct dm_exec *x, dm_sess *s, const struct dm_func *fn, int func,
 void
 dm_req_free(dm_core *c, struct dm_req *r)
 {
+	dm_peer_unref(r->peer);
 	dm_core_meta_release(c, r->size);
 	free(r);
 }

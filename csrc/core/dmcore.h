@@ -207,6 +207,7 @@ struct dm_call_in {
 	uint64_t unique;	/* the request's id, the key of its answer */
 	int tid;		/* the calling thread */
 	int nonblock;		/* the file's O_NONBLOCK when the call was made */
+	uint32_t uid, gid;	/* the caller's: a root server reaches its memory with these rights */
 };
 
 typedef struct dm_exec dm_exec;

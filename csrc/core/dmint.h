@@ -90,14 +90,46 @@ void dm_kernels_fini(struct dm_kernels *k);
 
 /* --- remote.c ------------------------------------------------------------ */
 
-/* The client process whose memory a session serves. */
+/*
+ * The address space requests act on: the writer's (as NetBSD's dmio_write
+ * takes a reference on the writing process's vmspace).  While the writer is
+ * inside its write() (pinned), its thread id names that address space
+ * exactly: the thread can neither exit nor exec.  A request that outlives
+ * the write holds the address space itself, /proc/TID/mem opened while
+ * pinned, which fails once that space is gone (exit, exec); its data moves
+ * with process_vm_* on the thread while a thread pidfd says it lives, after
+ * a look through the held descriptor that the space still is, else through
+ * that descriptor.  Sessions made by the control plane's own calls
+ * (dm_sess_submit) use a peer of the opener, checked through a pidfd.
+ */
 struct dm_peer {
-	int pid;
-	int pidfd;
-	atomic_bool gone;		/* it exited: never touch pid again */
-	atomic_bool cancel;		/* its session is closed: stop working for it */
+	atomic_uint refs;
+	int pid;			/* the writer's thread (or the opener) */
+	int pidfd;			/* readable once pid may name another: -1 if none */
+	int memfd;			/* /proc/PID/mem held for the space, or -1 */
+	atomic_bool pinned;		/* the writer is inside its write */
+	atomic_bool gone;		/* the space is gone: never touch it again */
+	atomic_bool pid_gone;		/* pid exited: it may name another (a held space lives on) */
+	atomic_bool *cancel;		/* the session's: closed, stop working for it */
 	atomic_int_fast64_t alive_ns;	/* CLOCK_MONOTONIC when last found alive */
+	bool as_writer;			/* reach it with the writer's rights (a root server) */
+	uint32_t uid, gid;		/* the writer's */
 };
+
+/* A peer (one reference); NULL when out of memory.  pidfd is the peer's. */
+struct dm_peer *dm_peer_new(int pid, int pidfd, bool pinned, atomic_bool *cancel);
+/* The server never lends its privilege: a root server reaches this peer
+ * with the writer's uid and gid (each access a thread makes takes them for
+ * the call), so the kernel's own ptrace check refuses what the writer could
+ * not reach alone - another user's process, a setuid or non-dumpable image. */
+void dm_peer_rights(struct dm_peer *p, uint32_t uid, uint32_t gid);
+void dm_peer_ref(struct dm_peer *p);
+void dm_peer_unref(struct dm_peer *p);
+/* While pinned: hold the address space so that requests can outlive the
+ * write.  0, or the errno its requests then fail with. */
+int dm_peer_hold(struct dm_peer *p);
+/* The writer's write() is answered: from now on pid is not exact. */
+void dm_peer_unpin(struct dm_peer *p);
 
 /* A position in a client's iovec list (a local copy of it). */
 struct dm_rcur {
@@ -137,6 +169,7 @@ struct dm_exec {
 	size_t chunk;
 	uint64_t budget;		/* bytes that may move before the pidfd is polled again */
 	atomic_int_fast64_t in_xfer_ns;	/* CLOCK_MONOTONIC when its current transfer began, 0 if none */
+	struct dm_peer *peer;		/* whose requests are being decoded (the submitter's) */
 	uint8_t *buf[DM_NBUF];		/* chunk bytes each, DM_ALIGN-aligned */
 	void *mem;
 	struct iovec loc[IOV_MAX];	/* syscall scratch */
@@ -176,6 +209,7 @@ struct dm_req {
 	struct dm_req *next;		/* worker queue, or the core's untaken external requests */
 	struct dm_req *xprev, *xnext;	/* the core's live external requests (core->mu) */
 	dm_sess *sess;
+	struct dm_peer *peer;		/* the writer's address space (a reference) */
 	const struct dm_func *fn;	/* the table's entry, or the session's shape (run NULL) */
 	int func;			/* table index, or -1 */
 	int err;			/* function constraint error, found at submit */
@@ -205,7 +239,8 @@ void dm_req_free(dm_core *c, struct dm_req *r);
 struct dm_sess {
 	dm_core *core;
 	uint64_t id;
-	struct dm_peer peer;
+	struct dm_peer *opener;		/* for dm_sess_submit: the opener, or NULL */
+	atomic_bool cancel;		/* closed: requests still running stop */
 	pthread_mutex_t mu;
 	int func;			/* -1 until set */
 	bool external;			/* requests go to dm_core_take_external */
@@ -217,7 +252,7 @@ struct dm_sess {
 	unsigned refs;			/* server + queued/running requests */
 	bool dead;			/* closed by the server */
 	bool listed;			/* on the notify list (core->mu) */
-	bool eperm;			/* a write met EPERM: the server explains it once */
+	int eperm_pid;			/* a write of this thread met EPERM: the server explains it */
 	/* Calls from the server's transport (core->iomu): */
 	struct dm_call *rhead, *rtail;	/* blocking reads waiting for responses, oldest first */
 	struct dm_call *whead, *wtail;	/* writes not yet answered, oldest first */
@@ -237,11 +272,12 @@ struct dm_sess {
 /* Hold / drop a reference (the last one frees the session). */
 void dm_sess_ref(dm_sess *s);
 void dm_sess_unref(dm_sess *s);
-/* A write met EPERM: have the server explain it (once per session). */
-void dm_sess_note_eperm(dm_sess *s);
-/* Validate and start up to nreq requests with the caller's context x (the
- * caller is the session's only submitter); see dm_sess_submit. */
-size_t dm_sess_submit_x(dm_sess *s, struct dm_exec *x, const void *reqs, size_t nreq, int *err);
+/* A write of thread pid met EPERM: have the server explain it. */
+void dm_sess_note_eperm(dm_sess *s, int pid);
+/* Validate and start up to nreq requests of writer peer with the caller's
+ * context x (the caller is the session's only submitter); see dm_sess_submit. */
+size_t dm_sess_submit_x(dm_sess *s, struct dm_exec *x, struct dm_peer *peer, const void *reqs,
+    size_t nreq, int *err);
 /* Move up to max ready responses into resps, none unless at least min are ready. */
 size_t dm_sess_take_some(dm_sess *s, void *resps, size_t max, size_t min);
 
@@ -259,6 +295,7 @@ void dm_sess_destroy(dm_sess *s);
 struct dm_call {
 	struct dm_call *next, *prev;	/* the session's reads or writes (core->iomu) */
 	struct dm_call *hnext;		/* the core's live calls, by unique (core->iomu) */
+	struct dm_peer *peer;		/* write: the writer's address space */
 	dm_sess *sess;
 	uint64_t unique;		/* the kernel's request id */
 	int tid;			/* the calling thread */

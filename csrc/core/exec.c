@@ -87,7 +87,7 @@ dm_run_zero(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
 	struct dm_rcur out;
 
 	dm_rcur_init(&out, r->out.iov, r->out.cnt);
-	return dm_put(x, &r->sess->peer, &out, x->core->zeros, x->chunk, r->total);
+	return dm_put(x, r->peer, &out, x->core->zeros, x->chunk, r->total);
 }
 
 /* Zero requests (without a constraint error) share process_vm_writev calls. */
@@ -149,7 +149,7 @@ dm_exec_run_batch(struct dm_exec *x, struct dm_req *const *r, size_t n, struct d
 			i++;
 			continue;
 		}
-		err = bytes > 0 ? dm_writev(x, &r[i]->sess->peer, nloc, nrem, bytes, &got) : 0;
+		err = bytes > 0 ? dm_writev(x, r[i]->peer, nloc, nrem, bytes, &got) : 0;
 		/* The kernel stops at the first byte it cannot write: the
 		 * requests before that byte are done, the one holding it failed,
 		 * the ones after it go in the next call. */
@@ -176,7 +176,7 @@ dm_run_fill8(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
 
 	memset(x->buf[0], imm[0], unit);
 	dm_rcur_init(&out, r->out.iov, r->out.cnt);
-	return dm_put(x, &r->sess->peer, &out, x->buf[0], unit, r->total);
+	return dm_put(x, r->peer, &out, x->buf[0], unit, r->total);
 }
 
 /* Work on one chunk of k bytes gathered into x->buf[0..nin); returns the
@@ -186,7 +186,7 @@ typedef const uint8_t *dm_chunk_fn(struct dm_exec *x, int nin, size_t k, void *s
 static int
 stream(struct dm_exec *x, const struct dm_req *r, dm_chunk_fn *fn, void *state)
 {
-	struct dm_peer *p = &r->sess->peer;
+	struct dm_peer *p = r->peer;
 	struct dm_rcur in[DM_MAX_INPUTS], out;
 	int nin = r->fn->ninputs;
 
@@ -281,7 +281,7 @@ dm_run_fill64(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
 	for (size_t i = 0; i < unit; i += DM_IMM)
 		memcpy(x->buf[0] + i, imm, unit - i < DM_IMM ? unit - i : DM_IMM);
 	dm_rcur_init(&out, r->out.iov, r->out.cnt);
-	return dm_put(x, &r->sess->peer, &out, x->buf[0], unit, r->total);
+	return dm_put(x, r->peer, &out, x->buf[0], unit, r->total);
 }
 
 int
@@ -293,7 +293,7 @@ dm_run_compare(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
 	dm_rcur_init(&in[1], r->in[1].iov, r->in[1].cnt);
 	for (uint64_t done = 0; done < r->total;) {
 		size_t k = r->total - done < x->chunk ? (size_t)(r->total - done) : x->chunk;
-		int err = dm_gather(x, &r->sess->peer, in, x->buf, 2, k);
+		int err = dm_gather(x, r->peer, in, x->buf, 2, k);
 
 		if (err != 0)
 			return err;

@@ -48,9 +48,9 @@ transfer(dm_req *r, const struct dm_list *l, uint64_t off, void *buf, size_t len
 		uint8_t *p = (uint8_t *)buf + done;
 
 		if (write)
-			err = dm_put(x, &r->sess->peer, &cur, p, k, k);
+			err = dm_put(x, r->peer, &cur, p, k, k);
 		else
-			err = dm_gather(x, &r->sess->peer, &cur, &p, 1, k);
+			err = dm_gather(x, r->peer, &cur, &p, 1, k);
 		done += k;
 	}
 	dm_exec_free(x);

@@ -205,6 +205,10 @@ count_answer(dm_core *c, bool write, int err, size_t done)
 static void
 call_free(dm_core *c, struct dm_call *k)
 {
+	if (k->peer != NULL) {
+		dm_peer_unpin(k->peer);
+		dm_peer_unref(k->peer);
+	}
 	if (k->charged > 0)
 		dm_core_meta_release(c, k->charged);
 	free(k->buf);
@@ -216,6 +220,9 @@ static void
 finish(dm_core *c, struct dm_call *k)
 {
 	count_answer(c, k->write, k->aerr, k->done);
+	/* Answered, the writer leaves its write: its tid no longer names its space for sure. */
+	if (k->peer != NULL)
+		dm_peer_unpin(k->peer);
 	if (k->write)
 		send_write(c, k->unique, k->aerr, k->done);
 	else
@@ -524,9 +531,9 @@ pump(dm_sess *s, struct dm_exec *x)
 		pthread_mutex_unlock(&c->iomu);
 
 		n = k->want - k->done < room ? k->want - k->done : room;
-		acc = dm_sess_submit_x(s, x, k->data + k->done * REQ, n, &err);
+		acc = dm_sess_submit_x(s, x, k->peer, k->data + k->done * REQ, n, &err);
 		if (err == EPERM)
-			dm_sess_note_eperm(s);
+			dm_sess_note_eperm(s, k->tid);
 
 		pthread_mutex_lock(&c->iomu);
 		k->busy = false;
@@ -576,6 +583,14 @@ dm_sess_call_write(dm_sess *s, struct dm_exec *x, const struct dm_call_in *in, c
 		send_write(c, in->unique, ENOMEM, 0);
 		return;
 	}
+	/* The writer's thread is inside this write: its address space is exact. */
+	if ((k->peer = dm_peer_new(in->tid, -1, true, &s->cancel)) == NULL) {
+		free(k);
+		count_answer(c, true, ENOMEM, 0);
+		send_write(c, in->unique, ENOMEM, 0);
+		return;
+	}
+	dm_peer_rights(k->peer, in->uid, in->gid);
 	k->sess = s;
 	k->unique = in->unique;
 	k->tid = in->tid;
@@ -589,7 +604,7 @@ dm_sess_call_write(dm_sess *s, struct dm_exec *x, const struct dm_call_in *in, c
 	if (ending(s) || (k->nonblock && s->whead != NULL && !s->pumping) || live_add(c, k) != 0) {
 		err = ending(s) ? ENXIO : k->nonblock && s->whead != NULL && !s->pumping ? EAGAIN : ENOMEM;
 		pthread_mutex_unlock(&c->iomu);
-		free(k);
+		call_free(c, k);
 		count_answer(c, true, err, 0);
 		send_write(c, in->unique, err, 0);
 		return;
@@ -783,6 +798,7 @@ judge(dm_core *c, struct dm_call *k, enum verdict v, struct dm_call **chain)
 		if (v == V_FATAL && !k->answered) {
 			k->answered = true;
 			count_answer(c, true, EINTR, k->done);
+			dm_peer_unpin(k->peer);
 			send_write(c, k->unique, EINTR, k->done);
 		} else {
 			k->cancel = true;

@@ -7,8 +7,13 @@
  * the kernel will refuse) is not undefined behaviour in the server.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "dmint.h"
 
@@ -81,20 +86,179 @@ rcur_slice(struct dm_rcur *c, size_t want, struct iovec *out, size_t room, size_
 	return got;
 }
 
-/* May we touch the client for bytes more bytes?  0 or the errno to report. */
-static int
-peer_ready(struct dm_exec *x, struct dm_peer *p, size_t bytes)
+#ifndef PIDFD_THREAD
+#define PIDFD_THREAD	O_EXCL	/* Linux >= 6.9: a pidfd of one thread */
+#endif
+
+struct dm_peer *
+dm_peer_new(int pid, int pidfd, bool pinned, atomic_bool *cancel)
 {
-	if (atomic_load_explicit(&p->cancel, memory_order_relaxed) ||
-	    atomic_load_explicit(&x->core->stopping, memory_order_relaxed))
-		return ECANCELED;
-	if (atomic_load_explicit(&p->gone, memory_order_relaxed))
-		return EFAULT;
+	struct dm_peer *p = calloc(1, sizeof(*p));
+
+	if (p == NULL)
+		return NULL;
+	atomic_init(&p->refs, 1);
+	p->pid = pid;
+	p->pidfd = pidfd;
+	p->memfd = -1;
+	atomic_init(&p->pinned, pinned);
+	atomic_init(&p->gone, false);
+	atomic_init(&p->pid_gone, false);
+	p->cancel = cancel;
+	atomic_init(&p->alive_ns, INT64_MIN / 2);
+	return p;
+}
+
+void
+dm_peer_rights(struct dm_peer *p, uint32_t uid, uint32_t gid)
+{
+	p->uid = uid;
+	p->gid = gid;
+	p->as_writer = geteuid() == 0 && (uid != 0 || gid != 0);
+}
+
+/*
+ * Take the writer's rights in this thread, for one access (raw system calls:
+ * glibc's wrappers would change every thread of the server).  The saved uid
+ * stays 0, so the thread keeps its permitted capabilities and comes back
+ * with become_server(); its effective ones are gone meanwhile, CAP_SYS_PTRACE
+ * with them.  0, or EPERM when the switch cannot be made.
+ */
+static int
+become_writer(const struct dm_peer *p)
+{
+	if (!p->as_writer)
+		return 0;
+	if (syscall(SYS_setresgid, p->gid, p->gid, 0) != 0)
+		return EPERM;
+	if (syscall(SYS_setresuid, p->uid, p->uid, 0) != 0) {
+		(void)syscall(SYS_setresgid, 0, 0, 0);
+		return EPERM;
+	}
+	return 0;
+}
+
+static void
+become_server(const struct dm_peer *p)
+{
+	if (!p->as_writer)
+		return;
+	/* Both cannot fail: 0 is the saved uid, and the capabilities return with it. */
+	(void)syscall(SYS_setresuid, 0, 0, 0);
+	(void)syscall(SYS_setresgid, 0, 0, 0);
+}
+
+void
+dm_peer_ref(struct dm_peer *p)
+{
+	atomic_fetch_add(&p->refs, 1);
+}
+
+void
+dm_peer_unref(struct dm_peer *p)
+{
+	if (p == NULL || atomic_fetch_sub(&p->refs, 1) != 1)
+		return;
+	if (p->pidfd >= 0)
+		close(p->pidfd);
+	if (p->memfd >= 0)
+		close(p->memfd);
+	free(p);
+}
+
+int
+dm_peer_hold(struct dm_peer *p)
+{
+	char path[48];
+	int fd, err;
+
+	if (p->memfd >= 0 || !atomic_load(&p->pinned))
+		return 0;	/* held already, or an opener's peer (pidfd-checked) */
+	/* The writer is inside its write: /proc/TID/mem is its address space,
+	 * opened with its rights (the open is where the kernel checks them). */
+	snprintf(path, sizeof(path), "/proc/%d/mem", p->pid);
+	if (become_writer(p) != 0)
+		return EPERM;
+	fd = open(path, O_RDWR | O_CLOEXEC);
+	err = errno;
+	become_server(p);
+	if (fd < 0)
+		return err == EACCES || err == EPERM ? EPERM : EFAULT;
+	/* A thread pidfd says when the tid may name another thread; without
+	 * one (Linux < 6.9) the data moves through the held descriptor. */
+	if (p->pidfd < 0)
+		p->pidfd = (int)syscall(SYS_pidfd_open, p->pid, PIDFD_THREAD);
+	p->memfd = fd;
+	return 0;
+}
+
+void
+dm_peer_unpin(struct dm_peer *p)
+{
+	atomic_store(&p->pinned, false);
+}
+
+/* Is the held address space gone (exit, exec)?  A read through it gets
+ * nothing once it is; an unmapped address (EIO) still means it is there. */
+static bool
+space_gone(const struct dm_peer *p, uintptr_t addr)
+{
+	unsigned char b;
+
+	return pread(p->memfd, &b, 1, (off_t)addr) == 0;
+}
+
+/* Move bytes between x->loc and x->rem through the held descriptor: exact,
+ * whichever thread of the space lives, but slower than process_vm_*. */
+static ssize_t
+xfer_held(struct dm_exec *x, struct dm_peer *p, bool write, size_t nloc, size_t nrem)
+{
+	size_t li = 0, ri = 0, loff = 0, roff = 0;
+	ssize_t total = 0;
+
+	while (li < nloc && ri < nrem) {
+		size_t n = x->loc[li].iov_len - loff;
+		char *local = (char *)x->loc[li].iov_base + loff;
+		uintptr_t remote = (uintptr_t)x->rem[ri].iov_base + roff;
+		ssize_t k;
+
+		if (n > x->rem[ri].iov_len - roff)
+			n = x->rem[ri].iov_len - roff;
+		if (n > 0) {
+			k = write ? pwrite(p->memfd, local, n, (off_t)remote) : pread(p->memfd, local, n, (off_t)remote);
+			if (k <= 0)
+				return total > 0 ? total : -1;
+			total += k;
+			if ((size_t)k < n)
+				return total;
+		}
+		loff += n;
+		roff += n;
+		if (loff == x->loc[li].iov_len) {
+			li++;
+			loff = 0;
+		}
+		if (roff == x->rem[ri].iov_len) {
+			ri++;
+			roff = 0;
+		}
+	}
+	return total;
+}
+
+/* May the peer's pid name another thread or process by now (it exited)?
+ * Its pidfd is polled at most once a millisecond or every DM_RECHECK_BYTES
+ * (see DM_RECHECK_NS); once true, true for good. */
+static bool
+pid_exited(struct dm_exec *x, struct dm_peer *p)
+{
+	if (atomic_load_explicit(&p->pid_gone, memory_order_relaxed))
+		return true;
 	if (x->budget == 0) {
 		int64_t now = dm_clock_ns(CLOCK_MONOTONIC);
 
 		if (now - atomic_load_explicit(&p->alive_ns, memory_order_relaxed) >= DM_RECHECK_NS) {
-			/* Readable means exited: from then on the pid may name another process. */
+			/* Readable means exited: from then on the pid may name another. */
 			struct pollfd pfd = { .fd = p->pidfd, .events = POLLIN };
 			int n;
 
@@ -102,14 +266,45 @@ peer_ready(struct dm_exec *x, struct dm_peer *p, size_t bytes)
 				n = poll(&pfd, 1, 0);
 			while (n < 0 && errno == EINTR);
 			if (n != 0) {
-				if (n > 0)
-					atomic_store(&p->gone, true);
-				return EFAULT;
+				atomic_store(&p->pid_gone, true);
+				return true;
 			}
 			atomic_store_explicit(&p->alive_ns, now, memory_order_relaxed);
 		}
 		x->budget = DM_RECHECK_BYTES;
 	}
+	return false;
+}
+
+/* How may we touch the peer for bytes more bytes?  Through process_vm_*
+ * (*held false) or through its held descriptor (*held true); else the
+ * errno to report. */
+static int
+peer_ready(struct dm_exec *x, struct dm_peer *p, size_t bytes, bool *held)
+{
+	*held = false;
+	if (atomic_load_explicit(p->cancel, memory_order_relaxed) ||
+	    atomic_load_explicit(&x->core->stopping, memory_order_relaxed))
+		return ECANCELED;
+	if (atomic_load_explicit(&p->gone, memory_order_relaxed))
+		return EFAULT;
+	if (atomic_load_explicit(&p->pinned, memory_order_acquire))
+		return 0;	/* the writer is in its write: its tid is exact */
+	if (p->memfd < 0) {
+		/* An opener's peer: its pidfd tells when its pid may be reused. */
+		if (p->pidfd < 0 || pid_exited(x, p)) {
+			atomic_store(&p->gone, true);
+			return EFAULT;
+		}
+		x->budget -= bytes < x->budget ? bytes : x->budget;
+		return 0;
+	}
+	if (space_gone(p, (uintptr_t)x->rem[0].iov_base)) {
+		atomic_store(&p->gone, true);	/* exited or exec'd: nothing of it is left */
+		return EFAULT;
+	}
+	/* The space is there; its tid names it while that thread lives. */
+	*held = p->pidfd < 0 || pid_exited(x, p);
 	x->budget -= bytes < x->budget ? bytes : x->budget;
 	return 0;
 }
@@ -121,23 +316,36 @@ xfer(struct dm_exec *x, struct dm_peer *p, bool write, size_t nloc, size_t nrem,
     size_t bytes, size_t *got)
 {
 	ssize_t n;
-	int err = peer_ready(x, p, bytes);
+	bool held;
+	int err;
 
 	*got = 0;
-	if (err != 0)
-		return err;
-	/* Seen by dm_core_check_stalls: a fault on a slow FUSE file can hold this call. */
+	/* Seen by dm_core_check_stalls: a fault on a slow FUSE file can hold this
+	 * call, and peer_ready's look through a held space as well. */
 	atomic_store_explicit(&x->in_xfer_ns, dm_clock_ns(CLOCK_MONOTONIC), memory_order_relaxed);
-	if (write)
+	if ((err = peer_ready(x, p, bytes, &held)) != 0) {
+		atomic_store_explicit(&x->in_xfer_ns, 0, memory_order_relaxed);
+		return err;
+	}
+	if (become_writer(p) != 0) {
+		atomic_store_explicit(&x->in_xfer_ns, 0, memory_order_relaxed);
+		return EPERM;
+	}
+	if (held)
+		n = xfer_held(x, p, write, nloc, nrem);
+	else if (write)
 		n = process_vm_writev(p->pid, x->loc, nloc, x->rem, nrem, 0);
 	else
 		n = process_vm_readv(p->pid, x->loc, nloc, x->rem, nrem, 0);
+	err = n < 0 ? errno : 0;
+	become_server(p);
 	atomic_store_explicit(&x->in_xfer_ns, 0, memory_order_relaxed);
 	if (n < 0) {
-		if (errno == EPERM)
+		if (err == EPERM || err == EACCES)
 			return EPERM;
-		if (errno == ESRCH)
-			atomic_store(&p->gone, true);
+		/* ESRCH: the thread is gone; a held space may still be reached. */
+		if (err == ESRCH)
+			atomic_store(p->memfd < 0 ? &p->gone : &p->pid_gone, true);
 		return EFAULT;
 	}
 	*got = (size_t)n;

@@ -20,19 +20,20 @@ dm_sess_new(dm_core *core, uint64_t id, int pid, int pidfd, unsigned depth)
 	dm_sess *s;
 	int64_t now = dm_clock_ns(CLOCK_REALTIME);
 
-	/* Without a pidfd a reused pid could not be told apart: refuse. */
-	if (core == NULL || pidfd < 0 || pid <= 0 || depth == 0)
+	/* An opener without a pidfd could not be told from a reused pid: refuse.
+	 * No opener (pid 0) is for sessions written only through the transport. */
+	if (core == NULL || depth == 0 || pid < 0 || (pid > 0 && pidfd < 0))
 		return NULL;
 	s = calloc(1, sizeof(*s) + (size_t)depth * sizeof(s->ring[0]));
 	if (s == NULL)
 		return NULL;
+	atomic_init(&s->cancel, false);
+	if (pid > 0 && (s->opener = dm_peer_new(pid, pidfd, false, &s->cancel)) == NULL) {
+		free(s);
+		return NULL;
+	}
 	s->core = core;
 	s->id = id;
-	s->peer.pid = pid;
-	s->peer.pidfd = pidfd;
-	atomic_init(&s->peer.gone, false);
-	atomic_init(&s->peer.cancel, false);
-	atomic_init(&s->peer.alive_ns, INT64_MIN / 2);
 	pthread_mutex_init(&s->mu, NULL);
 	s->func = -1;
 	s->depth = depth;
@@ -49,7 +50,8 @@ void
 dm_sess_destroy(dm_sess *s)
 {
 	dm_core_detach(s->core, s);
-	close(s->peer.pidfd);
+	if (s->opener != NULL)
+		dm_peer_unref(s->opener);
 	pthread_mutex_destroy(&s->mu);
 	free(s->polls);
 	free(s);
@@ -85,7 +87,7 @@ dm_sess_close(dm_sess *s)
 	dm_io_close(s);
 	pthread_mutex_lock(&s->mu);
 	s->dead = true;
-	atomic_store(&s->peer.cancel, true);
+	atomic_store(&s->cancel, true);
 	dropped = s->ready;
 	s->outstanding -= dropped;
 	s->ready = 0;
@@ -187,13 +189,13 @@ dm_sess_finish(dm_sess *s, const struct dmio_usrresp *resp)
 }
 
 void
-dm_sess_note_eperm(dm_sess *s)
+dm_sess_note_eperm(dm_sess *s, int pid)
 {
 	bool signal = false;
 
 	pthread_mutex_lock(&s->mu);
-	if (!s->eperm && !s->dead) {
-		s->eperm = true;
+	if (s->eperm_pid == 0 && !s->dead) {
+		s->eperm_pid = pid > 0 ? pid : -1;
 		signal = dm_core_notify_add(s->core, s);
 	}
 	pthread_mutex_unlock(&s->mu);
@@ -204,13 +206,13 @@ dm_sess_note_eperm(dm_sess *s)
 int
 dm_sess_take_eperm(dm_sess *s)
 {
-	int was;
+	int pid;
 
 	pthread_mutex_lock(&s->mu);
-	was = s->eperm;
-	s->eperm = false;
+	pid = s->eperm_pid;
+	s->eperm_pid = 0;
 	pthread_mutex_unlock(&s->mu);
-	return was;
+	return pid;
 }
 
 /* Count one more outstanding request against the global cap. */
@@ -250,6 +252,20 @@ run_inline(dm_core *c, struct dm_exec *x, struct dm_req *const *r, size_t n)
 	for (size_t i = 0; i < n; i++)
 		ring_push(s, &resp[i]);
 	pthread_mutex_unlock(&s->mu);
+}
+
+/* A request about to outlive its write holds its writer's address space;
+ * when that cannot be done it fails with the errno (r->err).  0 or that. */
+static int
+outlive(struct dm_req *r)
+{
+	int e;
+
+	if (r->err != 0)
+		return 0;	/* fails without touching memory anyway */
+	if ((e = dm_peer_hold(r->peer)) != 0)
+		r->err = e;
+	return e;
 }
 
 /* Queue an accepted large request to the workers. */
@@ -294,10 +310,10 @@ park(dm_core *c, struct dm_req *r)
 	dm_core_park(c, r);
 }
 
-/* Decode, validate and start requests with context x (see dm_sess_submit);
- * the caller is the only one submitting to s now. */
+/* Decode, validate and start requests of peer with context x (see
+ * dm_sess_submit); the caller is the only one submitting to s now. */
 static size_t
-submit(dm_sess *s, struct dm_exec *x, const void *reqs, size_t nreq, int *err)
+submit(dm_sess *s, struct dm_exec *x, struct dm_peer *peer, const void *reqs, size_t nreq, int *err)
 {
 	dm_core *c = s->core;
 	const unsigned char *wire = reqs;
@@ -311,6 +327,11 @@ submit(dm_sess *s, struct dm_exec *x, const void *reqs, size_t nreq, int *err)
 		*err = ENXIO;
 		return 0;
 	}
+	if (peer == NULL) {
+		*err = EFAULT;	/* no writer to act for (a session of the transport only) */
+		return 0;
+	}
+	x->peer = peer;
 	dm_exec_recheck(x);	/* the client may have exited since the last call */
 	/* Window by window.  Only the submitter adds to outstanding, so the
 	 * room seen here is still there below. */
@@ -345,6 +366,9 @@ submit(dm_sess *s, struct dm_exec *x, const void *reqs, size_t nreq, int *err)
 			if (b > 0) {
 				run_inline(c, x, x->win + i, b);
 				i += b;
+			} else if (outlive(x->win[i]) != 0) {
+				run_inline(c, x, x->win + i, 1);	/* fails with its errno */
+				i++;
 			} else if (external) {
 				park(c, x->win[i++]);
 			} else {
@@ -353,6 +377,7 @@ submit(dm_sess *s, struct dm_exec *x, const void *reqs, size_t nreq, int *err)
 		}
 		n += k;
 	}
+	x->peer = NULL;
 	*err = e;
 	return n;
 }
@@ -363,17 +388,17 @@ dm_sess_submit(dm_sess *s, const void *reqs, size_t nreq, int *err)
 	dm_core *c = s->core;
 	size_t n;
 
-	/* Callers from Python share the core's inline context. */
+	/* Callers from Python share the core's inline context; they act for the opener. */
 	pthread_mutex_lock(&c->submit_mu);
-	n = submit(s, c->inl, reqs, nreq, err);
+	n = submit(s, c->inl, s->opener, reqs, nreq, err);
 	pthread_mutex_unlock(&c->submit_mu);
 	return n;
 }
 
 size_t
-dm_sess_submit_x(dm_sess *s, struct dm_exec *x, const void *reqs, size_t nreq, int *err)
+dm_sess_submit_x(dm_sess *s, struct dm_exec *x, struct dm_peer *peer, const void *reqs, size_t nreq, int *err)
 {
-	return submit(s, x, reqs, nreq, err);
+	return submit(s, x, peer, reqs, nreq, err);
 }
 
 size_t

@@ -594,7 +594,7 @@ dispatch(struct reader *r, size_t n)
 
 		if (arglen < sizeof(*a) || (s = lookup(t, a->fh)) == NULL)
 			break;
-		call = (struct dm_call_in){ in->unique, (int)in->pid, (a->flags & O_NONBLOCK) != 0 };
+		call = (struct dm_call_in){ in->unique, (int)in->pid, (a->flags & O_NONBLOCK) != 0, in->uid, in->gid };
 		atomic_fetch_add(&t->session_calls, 1);
 		if (a->size > t->bufsize) {
 			send_answer(t, in->unique, EINVAL, NULL, 0);
@@ -617,7 +617,7 @@ dispatch(struct reader *r, size_t n)
 			send_answer(t, in->unique, EBADF, NULL, 0);
 			return;
 		}
-		call = (struct dm_call_in){ in->unique, (int)in->pid, (a->flags & O_NONBLOCK) != 0 };
+		call = (struct dm_call_in){ in->unique, (int)in->pid, (a->flags & O_NONBLOCK) != 0, in->uid, in->gid };
 		atomic_fetch_add(&t->session_calls, 1);
 		if (r->x == NULL && (r->x = dm_core_exec_new(t->core)) == NULL)
 			atomic_fetch_add(&t->to_workers, 1);	/* no memory for a context: a worker submits */

@@ -124,13 +124,18 @@ class Core:
         }
         return core, funcs
 
-    def session(self, sid: int, pid: int, pidfd: int, depth: int) -> CoreSession:
-        """A new session serving process *pid*; takes ownership of *pidfd*."""
+    def session(self, sid: int, depth: int, pid: int = 0, pidfd: int = -1) -> CoreSession:
+        """A new session; takes ownership of *pidfd*.
+
+        Requests written through the transport act on their writer's memory.
+        *pid* (with its *pidfd*) is whom :meth:`CoreSession.submit` acts for:
+        the benchmark's pyfuse3 floor, which writes from Python."""
         if depth > self._resp_cap:
             raise ValueError("session depth exceeds the core's response buffer")
         ptr = lib.dm_sess_new(self._ptr, sid, pid, pidfd, depth)
         if ptr == ffi.NULL:
-            os.close(pidfd)
+            if pidfd >= 0:
+                os.close(pidfd)
             raise OSError(errno.ENOMEM, "cannot allocate a session")
         return CoreSession(self, ptr)
 
@@ -258,9 +263,9 @@ class CoreSession:
         lib.dm_sess_times(self._ptr, t)
         return t[0], t[1], t[2]
 
-    def take_eperm(self) -> bool:
-        """True once after a write of this session met EPERM."""
-        return bool(lib.dm_sess_take_eperm(self._ptr))
+    def take_eperm(self) -> int:
+        """Once after a write of this session met EPERM: the writing thread's id (else 0)."""
+        return max(0, lib.dm_sess_take_eperm(self._ptr))
 
     def counts(self) -> tuple[int, int]:
         """(outstanding, ready)."""

@@ -20,7 +20,7 @@ import trio
 from dmoverfs.backends import BuiltinBackend, Dispatcher, Registry
 from dmoverfs.server import stats
 from dmoverfs.server.core import Core, Function
-from dmoverfs.server.process import Client, open_pidfd, thread_group
+from dmoverfs.server.process import Client, thread_group
 from dmoverfs.server.session import Session
 from dmoverfs.server.transport import Transport
 from dmoverfs.tunables import Tunables
@@ -85,9 +85,9 @@ class Device:
             raise OSError(errno.ENXIO, "the server is shutting down")
         if len(self.sessions) >= self.tunables.max_sessions:
             raise OSError(errno.ENFILE, "too many sessions open")
-        pid = thread_group(ctx.pid)
-        client = Client(pid=pid, uid=ctx.uid, gid=ctx.gid)
-        core_session = self.core.session(sid, pid, open_pidfd(pid), self.tunables.queue_depth)
+        # Requests act on the memory of whoever writes them; the opener is for stats.
+        client = Client(pid=thread_group(ctx.pid), uid=ctx.uid, gid=ctx.gid)
+        core_session = self.core.session(sid, self.tunables.queue_depth)
         session = Session(sid, core_session, client, self.tunables.queue_depth)
         if preset is not None:
             try:
@@ -129,9 +129,10 @@ class Device:
         """External requests to hand to back-ends, EPERM to explain."""
         for sid in self.core.drain():
             session = self.sessions.get(sid)
-            if session is not None and session.core.take_eperm() and not session.eperm_explained:
+            writer = session.core.take_eperm() if session is not None else 0
+            if writer and not session.eperm_explained:
                 session.eperm_explained = True
-                session.explain_eperm()
+                session.explain_eperm(writer)
         self.dispatcher.dispatch()
 
     def shut_down(self) -> None:

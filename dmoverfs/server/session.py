@@ -66,19 +66,19 @@ class Session:
         """(outstanding, ready)."""
         return (0, 0) if self.closed else self.core.counts()
 
-    def explain_eperm(self) -> None:
-        """Say why the kernel refused access to the client's memory, and what allows it."""
+    def explain_eperm(self, writer: int) -> None:
+        """Say why the kernel refused access to the memory of thread *writer*, and what allows it."""
         try:
             with open("/proc/sys/kernel/yama/ptrace_scope") as f:
                 yama = f.read().strip()
         except OSError:
             yama = "absent"
         log.warning(
-            "session %d: may not read or write the memory of process %d (uid %d): the kernel refused ptrace access "
+            "session %d: may not read or write the memory of thread %d (opened by uid %d): the kernel refused ptrace access "
             "(server uid %d, kernel.yama.ptrace_scope %s). Allow it by running the server as that user or as root, "
             "or in the client with prctl(PR_SET_PTRACER, %d) (libdmoverio.so does this on EPERM).",
             self.sid,
-            self.client.pid,
+            writer,
             self.client.uid,
             os.geteuid(),
             yama,
