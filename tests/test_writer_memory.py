@@ -143,6 +143,31 @@ def test_a_session_passed_over_scm_rights_moves_the_receivers_memory(programs, r
     no_session_left(mnt)
 
 
+# -- changing ids after open ---------------------------------------------------------------------
+
+#: The uid (and gid) a root process takes after opening: nobody's.
+NOBODY = 65534
+
+
+@pytest.mark.parametrize(
+    "dumpable, expected",
+    [("1", ["40", "0", "0", "5a"]), ("0", ["-1", "EPERM", "-1", "50"])],
+    ids=["dumpable", "not-dumpable"],
+)
+def test_setuid_after_open_moves_the_writers_memory_with_its_new_rights(programs, rescue, mnt, dumpable, expected):
+    """A root process opens, then becomes nobody and writes: the request acts on its memory, as nobody.
+
+    Changing ids makes a process non-dumpable, which even its own user may not
+    ptrace: then the kernel refuses the server too (EPERM, nothing written),
+    since a root server reaches a writer only with the writer's rights; once
+    the process makes itself dumpable again, its request fills its buffer.
+    """
+    child = rescue.spawn([programs("setuid_writer"), mnt / "func" / "fill8", str(NOBODY), dumpable])
+    assert words(child, "result") == expected, child.describe()
+    finished(child)
+    no_session_left(mnt)
+
+
 # -- threads ------------------------------------------------------------------------------------
 
 
