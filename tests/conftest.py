@@ -182,3 +182,11 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 def mnt(server: Server) -> Path:
     """The mount point of the module's shared server."""
     return server.mountpoint
+
+
+@pytest.fixture(scope="module")
+def programs(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a programs.Builder
+    """tests/programs compiled once for the module (test_privilege has its own, where other users can run them)."""
+    from programs import Builder
+
+    return Builder(tmp_path_factory.mktemp("programs"))

@@ -67,11 +67,6 @@ SERVER_THREADS = 64
 REAP_S = 5.0
 
 
-@pytest.fixture(scope="module")
-def programs(tmp_path_factory: pytest.TempPathFactory) -> Builder:
-    return Builder(tmp_path_factory.mktemp("programs"))
-
-
 @pytest.fixture
 def rescue(server_factory) -> Iterator[Rescue]:  # noqa: ANN001 - pytest fixture
     """The test's programs, mounts and session descriptors; taken down before the servers are stopped."""

@@ -52,12 +52,6 @@ EXIT_S = 10.0
 SETTLE_S = 60.0
 
 
-@pytest.fixture(scope="module")
-def programs(tmp_path_factory: pytest.TempPathFactory) -> Builder:
-    """tests/programs compiled once for the module."""
-    return Builder(tmp_path_factory.mktemp("programs"))
-
-
 @pytest.fixture
 def rescue(server: Server, server_factory) -> Iterator[Rescue]:  # noqa: ANN001 - pytest fixture
     """The test's programs and daemons, taken down (aborting mounts if need be) before any server stops."""
