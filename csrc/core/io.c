@@ -176,9 +176,19 @@ detach(dm_core *c, struct dm_call *k)
 
 /* --- answering (never under core->iomu) ----------------------------------- */
 
+/* Count an answer: every answer goes through send_write or send_read. */
+static void
+count_answer(dm_core *c, bool write, int err, size_t done)
+{
+	atomic_fetch_add(write ? &c->io_writes : &c->io_reads, 1);
+	if (err != 0 && done == 0)
+		atomic_fetch_add(&c->io_errors, 1);
+}
+
 static void
 send_write(dm_core *c, uint64_t unique, int err, size_t accepted)
 {
+	count_answer(c, true, err, accepted);
 	/* Accepted requests are always reported: the error goes with the next write. */
 	if (accepted > 0)
 		err = 0;
@@ -188,17 +198,10 @@ send_write(dm_core *c, uint64_t unique, int err, size_t accepted)
 static void
 send_read(dm_core *c, uint64_t unique, int err, const void *data, size_t taken)
 {
+	count_answer(c, false, err, taken);
 	if (taken > 0)
 		err = 0;
 	c->sink.answer_read(c->sink.ctx, unique, err, data, taken * RESP);
-}
-
-static void
-count_answer(dm_core *c, bool write, int err, size_t done)
-{
-	atomic_fetch_add(write ? &c->io_writes : &c->io_reads, 1);
-	if (err != 0 && done == 0)
-		atomic_fetch_add(&c->io_errors, 1);
 }
 
 /* Free a call no longer in any list. */
@@ -219,7 +222,6 @@ call_free(dm_core *c, struct dm_call *k)
 static void
 finish(dm_core *c, struct dm_call *k)
 {
-	count_answer(c, k->write, k->aerr, k->done);
 	/* Answered, the writer leaves its write: its tid no longer names its space for sure. */
 	if (k->peer != NULL)
 		dm_peer_unpin(k->peer);
@@ -314,6 +316,22 @@ usable(dm_sess *s)
 	return dm_sess_fn(s, &func, &external) == NULL ? ENXIO : 0;
 }
 
+/*
+ * The checks every read and write passes first, in NetBSD's order: a whole
+ * number of structs of unit bytes (*count of them), then a function.  A call
+ * past them is stamped in *stamp (atime or mtime), EAGAIN and failing
+ * requests included.  0 or the errno.
+ */
+static int
+admit(dm_sess *s, size_t len, size_t unit, size_t *count, atomic_int_fast64_t *stamp)
+{
+	int err = whole_structs(len, unit, count) ? usable(s) : EINVAL;
+
+	if (err == 0)
+		atomic_store(stamp, dm_clock_ns(CLOCK_REALTIME));
+	return err;
+}
+
 static bool
 call_nonblock(dm_sess *s, const struct dm_call_in *in)
 {
@@ -370,17 +388,10 @@ dm_sess_call_read(dm_sess *s, const struct dm_call_in *in, size_t len, void *scr
 	struct dm_call *k;
 	size_t want, done = 0;
 	bool nonblock = call_nonblock(s, in), complete;
-	int err = 0;
+	int err;
 
-	if (!whole_structs(len, RESP, &want))
-		err = EINVAL;
-	else
-		err = usable(s);
-	/* As NetBSD: a read that gets past the length and the function is stamped, EAGAIN included. */
-	if (err == 0)
-		atomic_store(&s->atime_ns, dm_clock_ns(CLOCK_REALTIME));
+	err = admit(s, len, RESP, &want, &s->atime_ns);
 	if (err != 0 || want == 0) {
-		count_answer(c, false, err, 0);
 		send_read(c, in->unique, err, NULL, 0);
 		return;
 	}
@@ -392,7 +403,6 @@ dm_sess_call_read(dm_sess *s, const struct dm_call_in *in, size_t len, void *scr
 		bool kick = done > 0 && (s->whead != NULL || s->npolls > 0);
 
 		pthread_mutex_unlock(&c->iomu);
-		count_answer(c, false, EAGAIN, done);
 		send_read(c, in->unique, EAGAIN, scratch, done);
 		if (kick)
 			dm_io_kick(s);	/* room for writers, news for pollers */
@@ -402,7 +412,6 @@ dm_sess_call_read(dm_sess *s, const struct dm_call_in *in, size_t len, void *scr
 		/* The server faulting on a mapping of a session file: waiting here
 		 * would wait on itself. */
 		pthread_mutex_unlock(&c->iomu);
-		count_answer(c, false, EIO, done);
 		send_read(c, in->unique, EIO, scratch, done);
 		return;
 	}
@@ -421,7 +430,6 @@ dm_sess_call_read(dm_sess *s, const struct dm_call_in *in, size_t len, void *scr
 		if (k != NULL)
 			free(k->buf);
 		free(k);
-		count_answer(c, false, ENOMEM, done);
 		send_read(c, in->unique, ENOMEM, scratch, done);
 		return;
 	}
@@ -564,29 +572,16 @@ dm_sess_call_write(dm_sess *s, struct dm_exec *x, const struct dm_call_in *in, c
 	dm_core *c = s->core;
 	struct dm_call *k;
 	size_t nreq;
-	int err = 0;
+	int err;
 
-	if (!whole_structs(len, REQ, &nreq))
-		err = EINVAL;
-	else
-		err = usable(s);
-	/* As NetBSD: stamped once past the length and the function, failing requests included. */
-	if (err == 0)
-		atomic_store(&s->mtime_ns, dm_clock_ns(CLOCK_REALTIME));
+	err = admit(s, len, REQ, &nreq, &s->mtime_ns);
 	if (err != 0 || nreq == 0) {
-		count_answer(c, true, err, 0);
 		send_write(c, in->unique, err, 0);
 		return;
 	}
-	if ((k = calloc(1, sizeof(*k))) == NULL) {
-		count_answer(c, true, ENOMEM, 0);
-		send_write(c, in->unique, ENOMEM, 0);
-		return;
-	}
 	/* The writer's thread is inside this write: its address space is exact. */
-	if ((k->peer = dm_peer_new(in->tid, -1, true, &s->cancel)) == NULL) {
+	if ((k = calloc(1, sizeof(*k))) == NULL || (k->peer = dm_peer_new(in->tid, -1, true, &s->cancel)) == NULL) {
 		free(k);
-		count_answer(c, true, ENOMEM, 0);
 		send_write(c, in->unique, ENOMEM, 0);
 		return;
 	}
@@ -601,11 +596,15 @@ dm_sess_call_write(dm_sess *s, struct dm_exec *x, const struct dm_call_in *in, c
 
 	pthread_mutex_lock(&c->iomu);
 	/* A non-blocking write never waits behind one that waits for room. */
-	if (ending(s) || (k->nonblock && s->whead != NULL && !s->pumping) || live_add(c, k) != 0) {
-		err = ending(s) ? ENXIO : k->nonblock && s->whead != NULL && !s->pumping ? EAGAIN : ENOMEM;
+	if (ending(s))
+		err = ENXIO;
+	else if (k->nonblock && s->whead != NULL && !s->pumping)
+		err = EAGAIN;
+	else if (live_add(c, k) != 0)
+		err = ENOMEM;
+	if (err != 0) {
 		pthread_mutex_unlock(&c->iomu);
 		call_free(c, k);
-		count_answer(c, true, err, 0);
 		send_write(c, in->unique, err, 0);
 		return;
 	}
@@ -616,7 +615,6 @@ dm_sess_call_write(dm_sess *s, struct dm_exec *x, const struct dm_call_in *in, c
 			detach(c, k);
 			pthread_mutex_unlock(&c->iomu);
 			call_free(c, k);
-			count_answer(c, true, err, 0);
 			send_write(c, in->unique, err, 0);
 			return;
 		}
@@ -797,7 +795,6 @@ judge(dm_core *c, struct dm_call *k, enum verdict v, struct dm_call **chain)
 		}
 		if (v == V_FATAL && !k->answered) {
 			k->answered = true;
-			count_answer(c, true, EINTR, k->done);
 			dm_peer_unpin(k->peer);
 			send_write(c, k->unique, EINTR, k->done);
 		} else {
