@@ -123,7 +123,7 @@ struct dm_transport {
 	pthread_cond_t fcv;
 	struct msg *fhead, **ftail;
 	pthread_t forwarder, relayer;
-	bool threads_started;
+	bool have_forwarder, have_relayer, have_watchdog;	/* started, not yet joined */
 	bool stopped;
 	bool abandoned;			/* a reader never came back: t must outlive it */
 
@@ -928,37 +928,54 @@ dm_transport_libfuse_fd(dm_transport *t)
 	return t->libfd;
 }
 
+/* Stop the forwarder, the relay and the watchdog, those that were started
+ * (t->stopping is set). */
+static void
+stop_service_threads(dm_transport *t)
+{
+	if (t->have_watchdog) {
+		pthread_mutex_lock(&t->mu);
+		pthread_cond_broadcast(&t->wdcv);
+		pthread_mutex_unlock(&t->mu);
+		pthread_join(t->watchdog, NULL);
+		t->have_watchdog = false;
+	}
+	if (t->have_forwarder) {
+		pthread_mutex_lock(&t->fmu);
+		pthread_cond_broadcast(&t->fcv);
+		pthread_mutex_unlock(&t->fmu);
+		pthread_join(t->forwarder, NULL);
+		t->have_forwarder = false;
+	}
+	if (t->have_relayer) {
+		shutdown(t->relay, SHUT_RDWR);
+		pthread_join(t->relayer, NULL);
+		t->have_relayer = false;
+	}
+}
+
 int
 dm_transport_start(dm_transport *t)
 {
 	sigset_t all, old;
 	int err;
 
+	/* Signals stay with the control plane's thread. */
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
 	err = pthread_create(&t->forwarder, NULL, forwarder_main, t);
-	if (err == 0 && (err = pthread_create(&t->relayer, NULL, relayer_main, t)) != 0) {
-		atomic_store(&t->stopping, true);
-		pthread_mutex_lock(&t->fmu);
-		pthread_cond_broadcast(&t->fcv);
-		pthread_mutex_unlock(&t->fmu);
-		pthread_join(t->forwarder, NULL);
-		atomic_store(&t->stopping, false);
-	}
-	if (err == 0 && (err = pthread_create(&t->watchdog, NULL, watchdog_main, t)) != 0) {
-		atomic_store(&t->stopping, true);
-		pthread_mutex_lock(&t->fmu);
-		pthread_cond_broadcast(&t->fcv);
-		pthread_mutex_unlock(&t->fmu);
-		pthread_join(t->forwarder, NULL);
-		shutdown(t->relay, SHUT_RDWR);
-		pthread_join(t->relayer, NULL);
-		atomic_store(&t->stopping, false);
-	}
+	t->have_forwarder = err == 0;
+	if (err == 0)
+		t->have_relayer = (err = pthread_create(&t->relayer, NULL, relayer_main, t)) == 0;
+	if (err == 0)
+		t->have_watchdog = (err = pthread_create(&t->watchdog, NULL, watchdog_main, t)) == 0;
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
-	if (err != 0)
+	if (err != 0) {
+		atomic_store(&t->stopping, true);
+		stop_service_threads(t);
+		atomic_store(&t->stopping, false);
 		return err;
-	t->threads_started = true;
+	}
 	pthread_setname_np(t->forwarder, "dmoverfs-fwd");
 	pthread_setname_np(t->relayer, "dmoverfs-relay");
 	pthread_setname_np(t->watchdog, "dmoverfs-watch");
@@ -1061,20 +1078,7 @@ dm_transport_stop(dm_transport *t)
 	if (t->mount_se != NULL)
 		fuse_session_unmount(t->mount_se);
 	stop_readers(t);
-	if (t->threads_started) {
-		pthread_mutex_lock(&t->mu);
-		pthread_cond_broadcast(&t->wdcv);
-		pthread_mutex_unlock(&t->mu);
-		pthread_join(t->watchdog, NULL);
-		pthread_mutex_lock(&t->fmu);
-		pthread_cond_broadcast(&t->fcv);
-		pthread_mutex_unlock(&t->fmu);
-		pthread_join(t->forwarder, NULL);
-		if (t->relay >= 0)
-			shutdown(t->relay, SHUT_RDWR);
-		pthread_join(t->relayer, NULL);
-		t->threads_started = false;
-	}
+	stop_service_threads(t);
 }
 
 void
