@@ -127,15 +127,14 @@ def serve(
     ops = DmoverOperations(device)
     min_minor = int(os.environ.get(MIN_PROTO_ENV, MIN_PROTO_MINOR))
     try:
-        transport = Transport(device.core, mountpoint, _mount_options(allow_other), min_proto_minor=min_minor)
+        mount_options = _mount_options(allow_other)
+        transport = Transport(device.core, mountpoint, mount_options, min_proto_minor=min_minor)
     except TransportError as exc:
         device.close()
         raise OSError(exc.errno or errno.EIO, f"cannot mount {mountpoint}: {exc.strerror}") from None
     device.transport = transport
-    # libfuse's own options; the mount itself was made by the transport.
-    options = set(pyfuse3.default_options) | {"fsname=dmoverfs", "subtype=dmoverfs"}
-    if debug:
-        options.add("debug")
+    # The same options for libfuse, which mounts nothing here (the transport did), plus its own.
+    options = set(mount_options) | ({"debug"} if debug else set())
     try:
         pyfuse3.init(ops, transport.libfuse_mountpoint(), options)
     except RuntimeError as exc:
