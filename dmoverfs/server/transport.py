@@ -19,8 +19,8 @@ from dmoverfs.server.core import Core, CoreSession
 #: FUSE protocol 7.31 brought what the transport relies on being there
 #: (the file's flags in every read and write, FOPEN_STREAM, poll wake-ups).
 MIN_PROTO_MINOR = 31
-#: Threads reading /dev/fuse, at most: each one beyond the first two stands
-#: in for one that waits on a client's memory (a slow FUSE file, a fault).
+#: Threads reading /dev/fuse, at most: each one beyond the first stands in
+#: for one that waits on a client's memory (a slow FUSE file, a fault).
 MAX_READERS = 64
 
 
