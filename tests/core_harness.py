@@ -9,7 +9,6 @@ and the core reaches them with process_vm_readv/writev on os.getpid().
 
 from __future__ import annotations
 
-import errno
 import importlib.machinery
 import importlib.util
 import os
@@ -85,7 +84,22 @@ class Resp(NamedTuple):
 class Core:
     """One dm_core, created with the given tunables and kernel choice."""
 
-    def __init__(self, cm, *, workers=2, chunk=256 << 10, inline=64 << 10, max_requests=0, max_meta=0, kernels=None, transport=0):
+    def __init__(
+        self,
+        cm,
+        *,
+        workers=2,
+        chunk=256 << 10,
+        inline=64 << 10,
+        max_requests=0,
+        max_meta=0,
+        kernels=None,
+        transport=0,
+        slice_bytes=None,
+        **caps,
+    ):
+        """*slice_bytes* defaults to two chunks, so that every request a worker runs is run in
+        several slices; *caps* are the other dm_config caps (max_sessions, max_user_*)."""
         self.cm, self.ffi, self.lib = cm, cm.ffi, cm.lib
         cfg = self.ffi.new(
             "struct dm_config *",
@@ -96,6 +110,8 @@ class Core:
                 max_requests=max_requests,
                 max_meta_bytes=max_meta,
                 transport=transport,
+                slice_bytes=2 * chunk if slice_bytes is None else slice_bytes,
+                **caps,
             ),
         )
         err = self.ffi.new("int *")
@@ -129,15 +145,17 @@ class Core:
     def kernels(self) -> str:
         return self.ffi.string(self.lib.dm_core_kernels(self.ptr)).decode()
 
-    def session(self, func: str | None, depth: int = 64, pid: int | None = None, pidfd: int | None = None) -> Sess:
+    def session(self, func: str | None, depth: int = 64, pid: int | None = None, pidfd: int | None = None, uid: int = 0) -> Sess:
+        """A session opened by user *uid* (OSError ENFILE at a cap on sessions)."""
         pid = os.getpid() if pid is None else pid
         pidfd = os.pidfd_open(pid) if pidfd is None else pidfd
         sid = self._next_id
         self._next_id += 1
-        ptr = self.lib.dm_sess_new(self.ptr, sid, pid, pidfd, depth)
+        err = self.ffi.new("int *")
+        ptr = self.lib.dm_sess_open(self.ptr, sid, pid, pidfd, uid, depth, err)
         if ptr == self.ffi.NULL:
             os.close(pidfd)
-            raise OSError(errno.ENOMEM, "dm_sess_new failed")
+            raise OSError(err[0], f"dm_sess_open: {os.strerror(err[0])}")
         s = Sess(self, ptr, sid)
         self.sessions.append(s)
         if func is not None:
@@ -167,6 +185,9 @@ class Core:
                 "run_bytes",
                 "busy_ns",
                 "external",
+                "refused_user_limits",
+                "slices",
+                "users",
             )
         }
         funcs = {
@@ -176,6 +197,13 @@ class Core:
             for i in range(nfunc)
         }
         return core, funcs
+
+    def users(self, limit: int = 64) -> list[dict[str, int]]:
+        """dm_core_users: each user's share of the caps, most outstanding first."""
+        out = self.ffi.new("struct dm_user_stats[]", limit)
+        n = self.lib.dm_core_users(self.ptr, out, limit, self.ffi.NULL)
+        fields = [name for name, _ in self.ffi.typeof("struct dm_user_stats").fields]
+        return [{k: getattr(out[i], k) for k in fields} for i in range(n)]
 
     def idle(self) -> bool:
         core, _ = self.stats()

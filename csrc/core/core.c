@@ -17,20 +17,30 @@
 #define DM_SPARE_WORKERS	64		/* started when every worker is stuck */
 #define DM_STALL_NS	((int64_t)100000000)	/* a transfer this long counts as stuck */
 
+/* A request a worker has finished: account it and deliver its response. */
 static void
-run_queued(dm_core *c, struct dm_exec *x, struct dm_req *r)
+complete_queued(dm_core *c, struct dm_req *r, const struct dmio_usrresp *resp)
 {
 	dm_sess *s = r->sess;
-	struct dmio_usrresp resp;
 
-	dm_exec_recheck(x);	/* the client may have exited while r waited */
-	dm_exec_run(x, r, &resp);
-	dm_core_count(c, r, resp.resp_error);
+	dm_core_count(c, r, resp->resp_error);
 	atomic_fetch_sub(&c->executing_bytes, r->total);
 	dm_req_free(c, r);
 	atomic_fetch_sub(&c->executing, 1);
 	atomic_fetch_add(&c->worker_runs, 1);
-	dm_sess_finish(s, &resp);
+	dm_sess_finish(s, resp);
+}
+
+/* Run one item: true when it is a request left unfinished (another slice). */
+static bool
+run_item(dm_core *c, struct dm_exec *x, const struct dm_item *it, struct dmio_usrresp *resp)
+{
+	if (it->r == NULL) {
+		dm_io_pump(it->s, x);
+		return false;
+	}
+	dm_exec_recheck(x);	/* the client may have exited while r waited */
+	return !dm_exec_slice(x, it->r, c->slice_bytes, resp);
 }
 
 static void *
@@ -40,34 +50,31 @@ worker_main(void *arg)
 	dm_core *c = w->core;
 
 	for (;;) {
-		struct dm_req *r;
+		struct dm_item it;
+		struct dmio_usrresp resp;
+		int64_t t0;
+		bool unfinished;
 
 		pthread_mutex_lock(&c->qmu);
-		while (c->qhead == NULL && c->phead == NULL && !atomic_load(&c->stopping))
+		while (!atomic_load(&c->stopping) && !dm_sched_pick(c, &it))
 			pthread_cond_wait(&c->qcv, &c->qmu);
 		if (atomic_load(&c->stopping)) {
 			pthread_mutex_unlock(&c->qmu);
 			return NULL;
 		}
-		if (c->phead != NULL) {
-			/* Writes waiting to be submitted come before requests to run. */
-			dm_sess *s = c->phead;
-
-			c->phead = s->pnext;
-			if (c->phead == NULL)
-				c->ptail = &c->phead;
-			s->pump_queued = false;
-			pthread_mutex_unlock(&c->qmu);
-			dm_io_pump(s, w->x);
-			dm_sess_unref(s);
-			continue;
-		}
-		r = c->qhead;
-		c->qhead = r->next;
-		if (c->qhead == NULL)
-			c->qtail = &c->qhead;
 		pthread_mutex_unlock(&c->qmu);
-		run_queued(c, w->x, r);
+
+		t0 = dm_clock_ns(CLOCK_MONOTONIC);
+		unfinished = run_item(c, w->x, &it, &resp);
+		pthread_mutex_lock(&c->qmu);
+		dm_sched_done(c, &it, dm_clock_ns(CLOCK_MONOTONIC) - t0, unfinished);
+		pthread_mutex_unlock(&c->qmu);
+		/* The item's session reference goes last: it keeps the session
+		 * (and its user) alive through the scheduler's accounting. */
+		if (it.r == NULL)
+			dm_sess_unref(it.s);
+		else if (!unfinished)
+			complete_queued(c, it.r, &resp);
 	}
 }
 
@@ -120,7 +127,7 @@ dm_core_check_stalls(dm_core *c)
 	int64_t now = dm_clock_ns(CLOCK_MONOTONIC);
 
 	pthread_mutex_lock(&c->qmu);
-	if (c->qhead != NULL || c->phead != NULL) {
+	if (dm_sched_waiting(c)) {
 		unsigned stuck = 0;
 
 		for (unsigned i = 0; i < c->nworkers; i++) {
@@ -135,21 +142,63 @@ dm_core_check_stalls(dm_core *c)
 	pthread_mutex_unlock(&c->qmu);
 }
 
-int
-dm_core_meta_reserve(dm_core *c, size_t n)
+/* Count n more against a cap (0: none) unless it would pass it. */
+static bool
+take_under(atomic_uint_fast64_t *count, uint64_t n, uint64_t cap)
 {
-	if (c->cfg.max_meta_bytes != 0 && atomic_load(&c->meta_bytes) + n > c->cfg.max_meta_bytes) {
+	uint64_t now = atomic_load(count);
+
+	do {
+		if (cap != 0 && (now + n > cap || now + n < now))
+			return false;
+	} while (!atomic_compare_exchange_weak(count, &now, now + n));
+	return true;
+}
+
+/* Count n more of user u against the global cap and the user's. */
+static int
+reserve(dm_core *c, struct dm_user *u, atomic_uint_fast64_t *global, uint64_t gcap,
+    atomic_uint_fast64_t *mine, uint64_t ucap, uint64_t n)
+{
+	if (!take_under(global, n, gcap)) {
 		atomic_fetch_add(&c->refused_limits, 1);
 		return EAGAIN;
 	}
-	atomic_fetch_add(&c->meta_bytes, n);
+	if (!take_under(mine, n, ucap)) {
+		atomic_fetch_sub(global, n);
+		atomic_fetch_add(&c->refused_user_limits, 1);
+		atomic_fetch_add(&u->refused, 1);
+		return EAGAIN;
+	}
 	return 0;
 }
 
+int
+dm_core_meta_reserve(dm_core *c, struct dm_user *u, size_t n)
+{
+	return reserve(c, u, &c->meta_bytes, c->cfg.max_meta_bytes, &u->meta_bytes,
+	    c->cfg.max_user_meta_bytes, n);
+}
+
 void
-dm_core_meta_release(dm_core *c, size_t n)
+dm_core_meta_release(dm_core *c, struct dm_user *u, size_t n)
 {
 	atomic_fetch_sub(&c->meta_bytes, n);
+	atomic_fetch_sub(&u->meta_bytes, n);
+}
+
+int
+dm_core_req_reserve(dm_core *c, struct dm_user *u)
+{
+	return reserve(c, u, &c->outstanding, c->cfg.max_requests, &u->outstanding,
+	    c->cfg.max_user_requests, 1);
+}
+
+void
+dm_core_req_release(dm_core *c, struct dm_user *u, uint64_t n)
+{
+	atomic_fetch_sub(&c->outstanding, n);
+	atomic_fetch_sub(&u->outstanding, n);
 }
 
 dm_core *
@@ -185,9 +234,9 @@ dm_core_new(const struct dm_config *cfg, int *err)
 		pthread_cond_init(&c->watchcv, &ca);
 		pthread_condattr_destroy(&ca);
 	}
-	c->qtail = &c->qhead;
 	c->xtail = &c->xhead;
-	c->ptail = &c->phead;
+	/* Slices are whole chunks: a pattern's phase and a CRC's order hold across them. */
+	c->slice_bytes = (cfg->slice_bytes + c->cfg.chunk_bytes - 1) / c->cfg.chunk_bytes * c->cfg.chunk_bytes;
 
 	if ((e = dm_kernels_init(&c->kern, getenv("DMOVERFS_KERNELS"))) != 0)
 		goto fail;
@@ -231,25 +280,14 @@ dm_core_free(dm_core *c)
 		pthread_join(c->workers[i].tid, NULL);
 
 	/* Requests never started and every session go: nothing can reach them. */
-	while (c->qhead != NULL) {
-		struct dm_req *r = c->qhead;
-
-		c->qhead = r->next;
-		free(r);
-	}
+	for (dm_sess *s = c->sessions; s != NULL; s = s->snext)
+		dm_sched_free_queued(c, s);
 	/* External requests never completed (taken or not) go the same way. */
 	while (c->xall != NULL) {
 		struct dm_req *r = c->xall;
 
 		c->xall = r->xnext;
 		free(r);
-	}
-	/* Sessions whose writes waited for a pump: their references go with them. */
-	while (c->phead != NULL) {
-		dm_sess *s = c->phead;
-
-		c->phead = s->pnext;
-		s->pump_queued = false;
 	}
 	dm_io_free_all(c);
 	while (c->sessions != NULL)
@@ -286,21 +324,61 @@ dm_core_kernels(const dm_core *c)
 	return c->kern.name;
 }
 
-void
-dm_core_attach(dm_core *c, dm_sess *s)
+/* The user uid, made when missing (under mu); NULL when out of memory. */
+static struct dm_user *
+user_get(dm_core *c, uint32_t uid)
 {
+	struct dm_user *u;
+
+	for (u = c->users; u != NULL; u = u->next)
+		if (u->uid == uid)
+			return u;
+	if ((u = calloc(1, sizeof(*u))) == NULL)
+		return NULL;
+	u->uid = uid;
+	atomic_init(&u->outstanding, 0);
+	atomic_init(&u->meta_bytes, 0);
+	atomic_init(&u->refused, 0);
+	u->next = c->users;
+	c->users = u;
+	return u;
+}
+
+int
+dm_core_attach(dm_core *c, dm_sess *s, uint32_t uid)
+{
+	struct dm_user *u;
+	int err = 0;
+
 	pthread_mutex_lock(&c->mu);
-	s->sprev = NULL;
-	s->snext = c->sessions;
-	if (c->sessions != NULL)
-		c->sessions->sprev = s;
-	c->sessions = s;
+	if (c->cfg.max_sessions != 0 && c->nsessions >= c->cfg.max_sessions) {
+		err = ENFILE;
+		atomic_fetch_add(&c->refused_limits, 1);
+	} else if ((u = user_get(c, uid)) == NULL) {
+		err = ENOMEM;
+	} else if (c->cfg.max_user_sessions != 0 && u->sessions >= c->cfg.max_user_sessions) {
+		err = ENFILE;
+		atomic_fetch_add(&c->refused_user_limits, 1);
+		atomic_fetch_add(&u->refused, 1);
+	} else {
+		u->sessions++;
+		c->nsessions++;
+		s->user = u;
+		s->sprev = NULL;
+		s->snext = c->sessions;
+		if (c->sessions != NULL)
+			c->sessions->sprev = s;
+		c->sessions = s;
+	}
 	pthread_mutex_unlock(&c->mu);
+	return err;
 }
 
 void
 dm_core_detach(dm_core *c, dm_sess *s)
 {
+	struct dm_user *u = s->user, **p;
+
 	pthread_mutex_lock(&c->mu);
 	if (s->sprev != NULL)
 		s->sprev->snext = s->snext;
@@ -308,37 +386,37 @@ dm_core_detach(dm_core *c, dm_sess *s)
 		c->sessions = s->snext;
 	if (s->snext != NULL)
 		s->snext->sprev = s->sprev;
+	c->nsessions--;
+	/* A user goes with its last session: nothing of it is queued or running. */
+	if (--u->sessions == 0) {
+		for (p = &c->users; *p != u; p = &(*p)->next)
+			;
+		*p = u->next;
+		free(u);
+	}
 	pthread_mutex_unlock(&c->mu);
 }
 
 void
 dm_core_enqueue(dm_core *c, struct dm_req *r)
 {
-	r->next = NULL;
 	atomic_fetch_add(&c->executing_bytes, r->total);
 	pthread_mutex_lock(&c->qmu);
-	*c->qtail = r;
-	c->qtail = &r->next;
-	pthread_cond_signal(&c->qcv);
+	dm_sched_add_req(c, r);
 	pthread_mutex_unlock(&c->qmu);
 }
 
 void
 dm_core_enqueue_pump(dm_core *c, dm_sess *s)
 {
+	bool added;
+
 	dm_sess_ref(s);
 	pthread_mutex_lock(&c->qmu);
-	if (s->pump_queued) {
-		pthread_mutex_unlock(&c->qmu);
-		dm_sess_unref(s);
-		return;
-	}
-	s->pump_queued = true;
-	s->pnext = NULL;
-	*c->ptail = s;
-	c->ptail = &s->pnext;
-	pthread_cond_signal(&c->qcv);
+	added = dm_sched_add_pump(c, s);
 	pthread_mutex_unlock(&c->qmu);
+	if (!added)
+		dm_sess_unref(s);
 }
 
 struct dm_exec *
@@ -457,6 +535,15 @@ dm_core_stats(dm_core *c, struct dm_core_stats *out, struct dm_func_stats *per_f
 		out->inline_runs = atomic_load(&c->inline_runs);
 		out->worker_runs = atomic_load(&c->worker_runs);
 		out->refused_limits = atomic_load(&c->refused_limits);
+		out->refused_user_limits = atomic_load(&c->refused_user_limits);
+		pthread_mutex_lock(&c->qmu);
+		out->slices = c->slices;
+		pthread_mutex_unlock(&c->qmu);
+		pthread_mutex_lock(&c->mu);
+		out->users = 0;
+		for (struct dm_user *u = c->users; u != NULL; u = u->next)
+			out->users++;
+		pthread_mutex_unlock(&c->mu);
 		out->executing_bytes = atomic_load(&c->executing_bytes);
 		out->run_bytes = atomic_load(&c->run_bytes);
 		out->busy_ns = atomic_load(&c->busy_ns);
@@ -520,5 +607,48 @@ dm_core_take_external(dm_core *c, dm_req **out, size_t max)
 	if (c->xhead == NULL)
 		c->xtail = &c->xhead;
 	pthread_mutex_unlock(&c->mu);
+	return n;
+}
+
+static int
+by_outstanding(const void *a, const void *b)
+{
+	const struct dm_user_stats *x = a, *y = b;
+
+	return (x->outstanding < y->outstanding) - (x->outstanding > y->outstanding);
+}
+
+size_t
+dm_core_users(dm_core *c, struct dm_user_stats *out, size_t max, size_t *total)
+{
+	struct dm_user_stats *all;
+	size_t n = 0, cap = 0;
+
+	pthread_mutex_lock(&c->mu);
+	for (struct dm_user *u = c->users; u != NULL; u = u->next)
+		cap++;
+	all = calloc(cap ? cap : 1, sizeof(*all));
+	for (struct dm_user *u = c->users; all != NULL && u != NULL; u = u->next)
+		all[n++] = (struct dm_user_stats){ .uid = u->uid, .sessions = u->sessions,
+		    .outstanding = atomic_load(&u->outstanding), .meta_bytes = atomic_load(&u->meta_bytes),
+		    .refused = atomic_load(&u->refused) };
+	pthread_mutex_unlock(&c->mu);
+	if (total != NULL)
+		*total = cap;
+	if (all == NULL)
+		return 0;
+	/* queued is the scheduler's (qmu): a user found above may have gone
+	 * since, so it is looked up by uid. */
+	pthread_mutex_lock(&c->qmu);
+	for (struct dm_user *u = c->rhead; u != NULL; u = u->rnext)
+		for (size_t i = 0; i < n; i++)
+			if (all[i].uid == u->uid)
+				all[i].queued = u->queued;
+	pthread_mutex_unlock(&c->qmu);
+	qsort(all, n, sizeof(*all), by_outstanding);
+	if (n > max)
+		n = max;
+	memcpy(out, all, n * sizeof(*out));
+	free(all);
 	return n;
 }

@@ -174,6 +174,18 @@ array_bytes(const struct dm_req *r)
 	return n * sizeof(struct iovec);
 }
 
+/* The same for a request still in wire form (w) with its dmio_buffers (inb);
+ * counts are not yet validated, so the sum is saturated. */
+static size_t
+wire_array_bytes(const struct dm_func *fn, const unsigned char *w, const unsigned char *inb)
+{
+	uint64_t n = get32(w + W_OUT_CNT);
+
+	for (int i = 0; i < fn->ninputs; i++)
+		n += get32(inb + i * B_SIZE + B_CNT);
+	return n > SIZE_MAX / sizeof(struct iovec) ? SIZE_MAX : (size_t)n * sizeof(struct iovec);
+}
+
 static void
 free_from(dm_core *c, struct dm_req **reqs, size_t from, size_t to)
 {
@@ -211,10 +223,10 @@ prepare(struct dm_exec *x, dm_sess *s, const struct dm_func *fn, int func, const
 
 	head = offsetof(struct dm_req, in) + (size_t)nin * sizeof(struct dm_list);
 	size = head + ncopy * sizeof(struct iovec);
-	if (dm_core_meta_reserve(c, size) != 0)
+	if (dm_core_meta_reserve(c, s->user, size) != 0)
 		return EAGAIN;
 	if ((r = malloc(size)) == NULL) {
-		dm_core_meta_release(c, size);
+		dm_core_meta_release(c, s->user, size);
 		return ENOMEM;
 	}
 
@@ -227,6 +239,7 @@ prepare(struct dm_exec *x, dm_sess *s, const struct dm_func *fn, int func, const
 	r->id = get32(w + W_ID);
 	memcpy(r->imm, w + W_IMM, DM_IMM);
 	r->size = size;
+	r->done = 0;
 	/* head is a multiple of 8 (struct dm_list is 16 bytes): iovecs align. */
 	iov = (struct iovec *)((char *)r + head);
 	if (ncopy > 0) {
@@ -288,14 +301,22 @@ dm_decode(struct dm_exec *x, dm_sess *s, const struct dm_func *fn, int func,
 	}
 
 	for (size_t i = 0; i < lim; i++) {
-		int pe = prepare(x, s, fn, func, wire + i * W_SIZE, x->inbufs + i * each, &out[i], &nloc, &nrem);
+		int pe;
 
+		/* The step's budget: the first request always, others while they fit. */
+		if (i > 0 && wire_array_bytes(fn, wire + i * W_SIZE, x->inbufs + i * each) >
+		    x->decode_left - (bytes < x->decode_left ? bytes : x->decode_left)) {
+			lim = i;
+			break;
+		}
+		pe = prepare(x, s, fn, func, wire + i * W_SIZE, x->inbufs + i * each, &out[i], &nloc, &nrem);
 		if (pe != 0) {
 			lim = i;
 			e = pe;
 		} else
 			bytes += array_bytes(out[i]);
 	}
+	x->decode_left -= bytes < x->decode_left ? bytes : x->decode_left;
 
 	if (bytes > 0) {
 		int re = dm_readv(x, x->peer, nloc, nrem, bytes, &got);
@@ -339,6 +360,6 @@ void
 dm_req_free(dm_core *c, struct dm_req *r)
 {
 	dm_peer_unref(r->peer);
-	dm_core_meta_release(c, r->size);
+	dm_core_meta_release(c, r->sess->user, r->size);
 	free(r);
 }

@@ -37,6 +37,14 @@ struct dm_config {
 	size_t inline_bytes;		/* requests moving at most this run in the submitting thread */
 	uint64_t max_requests;		/* global cap on outstanding requests, 0 = none */
 	uint64_t max_meta_bytes;	/* global cap on decoded request metadata, 0 = none */
+	uint64_t max_sessions;		/* global cap on open sessions, 0 = none */
+	/* The same caps for each user (the uid a session was opened by), 0 = none. */
+	uint64_t max_user_sessions;
+	uint64_t max_user_requests;
+	uint64_t max_user_meta_bytes;
+	uint64_t slice_bytes;		/* a worker runs at most this much of a request before
+					 * it turns to other work (rounded up to whole chunks);
+					 * 0 = whole requests */
 	int transport;			/* 1: sessions are served through dm_sess_call_* (completions
 					 * wake those calls; the eventfd announces only external
 					 * requests and EPERM); 0: completions are announced */
@@ -73,7 +81,10 @@ struct dm_core_stats {
 	uint64_t meta_bytes;		/* decoded request metadata held now */
 	uint64_t inline_runs;		/* requests run in the submitting thread */
 	uint64_t worker_runs;		/* requests run by workers */
-	uint64_t refused_limits;	/* submissions refused by a global cap */
+	uint64_t refused_limits;	/* opens and submissions refused by a global cap */
+	uint64_t refused_user_limits;	/* refused by a user's cap */
+	uint64_t slices;		/* slices of requests and pump steps workers ran */
+	uint64_t users;			/* users with a session open */
 	/* The built-in back-end's load (requests run by the C code, external
 	 * sessions' requests handed over with dm_req_run included). */
 	uint64_t executing_bytes;	/* bytes of the requests queued to or running on workers */
@@ -113,6 +124,18 @@ int dm_core_eventfd(const dm_core *core);
 size_t dm_core_drain(dm_core *core, uint64_t *ids, size_t max);
 void dm_core_stats(dm_core *core, struct dm_core_stats *out,
     struct dm_func_stats *per_func, int nfunc);
+/* A user's share of the caps, now. */
+struct dm_user_stats {
+	uint32_t uid;
+	uint64_t sessions;		/* open */
+	uint64_t outstanding;		/* requests accepted, responses not yet taken */
+	uint64_t meta_bytes;		/* decoded request metadata held */
+	uint64_t queued;		/* requests waiting for a worker */
+	uint64_t refused;		/* opens and submissions refused by its caps, cumulative */
+};
+/* Up to max users (most outstanding first); returns how many were written
+ * to out; *total, when not NULL, is how many there are. */
+size_t dm_core_users(dm_core *core, struct dm_user_stats *out, size_t max, size_t *total);
 /* Which CRC32C / XOR kernels are in use, e.g. "crc32c=isa-l xor=isa-l". */
 const char *dm_core_kernels(const dm_core *core);
 
@@ -122,6 +145,11 @@ const char *dm_core_kernels(const dm_core *core);
  * it to refuse to touch pid once that process has exited.
  */
 dm_sess *dm_sess_new(dm_core *core, uint64_t id, int pid, int pidfd, unsigned depth);
+/* The same for a session opened by user uid, counted against the caps on
+ * sessions; NULL with *err ENFILE at a cap, EINVAL or ENOMEM (the caller
+ * then still owns pidfd). */
+dm_sess *dm_sess_open(dm_core *core, uint64_t id, int pid, int pidfd, uint32_t uid,
+    unsigned depth, int *err);
 /* Drop the server's reference: unread responses are discarded, requests
  * still executing finish harmlessly, the session is freed after the last. */
 void dm_sess_close(dm_sess *s);

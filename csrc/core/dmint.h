@@ -54,11 +54,17 @@ dm_clock_ns(clockid_t id)
 }
 
 /*
- * Run one decoded request whose function constraints already hold.  imm
- * holds the request's immediate on entry and the response's on return.
- * Returns 0 or the errno for resp_error.
+ * Run bytes [from, from + len) of one decoded request whose function
+ * constraints already hold (the whole request is from 0, len total; a
+ * worker runs it in slices, from a multiple of the chunk size).  imm holds
+ * the request's immediate on entry to the first slice and what the next
+ * slice needs after each (a CRC so far); after the last, the response's.
+ * Returns 0, the errno for resp_error, or DM_DONE when the request is
+ * complete before its end (compare found a difference).
  */
-typedef int dm_run_fn(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM]);
+typedef int dm_run_fn(struct dm_exec *x, const struct dm_req *r, uint64_t from, uint64_t len,
+    uint8_t imm[DM_IMM]);
+#define DM_DONE		(-1)
 
 struct dm_func {
 	const char *name;
@@ -170,6 +176,7 @@ struct dm_exec {
 	uint64_t budget;		/* bytes that may move before the pidfd is polled again */
 	atomic_int_fast64_t in_xfer_ns;	/* CLOCK_MONOTONIC when its current transfer began, 0 if none */
 	struct dm_peer *peer;		/* whose requests are being decoded (the submitter's) */
+	size_t decode_left;		/* bytes of iovec arrays a pump step may still read */
 	uint8_t *buf[DM_NBUF];		/* chunk bytes each, DM_ALIGN-aligned */
 	void *mem;
 	struct iovec loc[IOV_MAX];	/* syscall scratch */
@@ -187,6 +194,9 @@ void dm_exec_free(struct dm_exec *x);
 static inline void dm_exec_recheck(struct dm_exec *x) { x->budget = 0; }
 /* Run r (or report its constraint error) into *resp. */
 void dm_exec_run(struct dm_exec *x, const struct dm_req *r, struct dmio_usrresp *resp);
+/* Run the next at most max bytes of r (all when max is 0), keeping its
+ * progress in r; true, with *resp filled, when r is complete. */
+bool dm_exec_slice(struct dm_exec *x, struct dm_req *r, uint64_t max, struct dmio_usrresp *resp);
 /* Run r[0..n) (requests of one session) into resp[0..n), as dm_exec_run
  * does; consecutive zero requests have their outputs zeroed with as few
  * process_vm_writev calls as the iovec limits allow. */
@@ -218,9 +228,16 @@ struct dm_req {
 	size_t size;			/* of this allocation, counted in meta_bytes */
 	uint64_t total;			/* bytes of the output, and of each input */
 	uint64_t moved;			/* bytes read plus bytes written */
+	uint64_t done;			/* bytes of total run so far (a worker's slices) */
 	struct dm_list out;		/* cnt 0: no output */
 	struct dm_list in[];		/* fn->ninputs */
 };
+
+/* Bytes of iovec arrays one pump step decodes (at least one request, so a
+ * step may pass it by one request's arrays): a write of many requests with
+ * long lists is decoded over several steps, each a worker's turn charged to
+ * its session, and never holds the reader that brought it for long. */
+#define DM_DECODE_STEP	((size_t)1 << 20)
 
 /* Most requests of function fn that dm_decode takes at once. */
 size_t dm_decode_max(const struct dm_func *fn);
@@ -228,7 +245,8 @@ size_t dm_decode_max(const struct dm_func *fn);
  * Decode and validate n (<= dm_decode_max) consecutive 40-byte wire
  * requests for function fn (table index func, or -1) of session s.  Returns
  * how many leading ones are valid, in out[]; *err is the errno of the one
- * after them, or 0.
+ * after them, or 0 (also when x->decode_left stopped it early: what it
+ * read is taken off x->decode_left).
  */
 size_t dm_decode(struct dm_exec *x, dm_sess *s, const struct dm_func *fn, int func,
     const unsigned char *wire, size_t n, struct dm_req **out, int *err);
@@ -258,8 +276,14 @@ struct dm_sess {
 	struct dm_call *whead, *wtail;	/* writes not yet answered, oldest first */
 	bool pumping;			/* a thread is submitting the writes */
 	bool closing;			/* closed: what still waits ends with ENXIO */
-	bool pump_queued;		/* on the core's pump queue (core->qmu) */
-	dm_sess *pnext;			/* pump queue link (core->qmu) */
+	/* Scheduling (core->qmu): */
+	struct dm_user *user;		/* whose it is (set at open, then fixed) */
+	struct dm_req *rqhead, **rqtail;	/* requests waiting for a worker, in order */
+	bool pump_queued;		/* a worker is to pump its writes */
+	bool in_ring;			/* on its user's ring (it has work queued) */
+	unsigned running;		/* its items on workers now */
+	int64_t deficit;		/* ns of worker time it may still take this turn */
+	dm_sess *rnext, *rprev;		/* its user's ring */
 	uint64_t *polls;		/* kernel poll handles to wake on a change */
 	unsigned npolls, cpolls;
 	atomic_bool nonblock;		/* the nonblock attribute: every call is non-blocking */
@@ -328,6 +352,43 @@ void dm_io_stop(dm_core *c);
 /* Free every call still live (the core is going away). */
 void dm_io_free_all(dm_core *c);
 
+/* --- sched.c ------------------------------------------------------------- */
+
+/* A user: the caps' accounting and the scheduler's share. */
+struct dm_user {
+	uint32_t uid;
+	struct dm_user *next;		/* the core's users (core->mu) */
+	unsigned sessions;		/* open (core->mu) */
+	atomic_uint_fast64_t outstanding, meta_bytes, refused;
+	/* Scheduling (core->qmu): */
+	dm_sess *shead, *stail;		/* its sessions with work queued */
+	struct dm_user *rnext, *rprev;	/* the core's users with work queued */
+	bool in_ring;
+	unsigned running;		/* its items on workers now */
+	uint64_t queued;		/* its requests waiting for a worker */
+	int64_t deficit;		/* ns of worker time it may still take this turn */
+};
+
+/* What a worker takes: a slice of a request, or a pump step of a session. */
+struct dm_item {
+	dm_sess *s;
+	struct dm_req *r;		/* NULL: pump the writes of s */
+	int64_t charged;		/* the estimate charged when taken, ns */
+};
+
+/* Queue a request / a pump step of s (false: one is queued already).  Under qmu. */
+void dm_sched_add_req(dm_core *c, struct dm_req *r);
+bool dm_sched_add_pump(dm_core *c, dm_sess *s);
+/* The next item by deficit round robin; false when nothing waits.  Under qmu. */
+bool dm_sched_pick(dm_core *c, struct dm_item *it);
+/* The item took took_ns; an unfinished request goes back to the head of its
+ * session's queue.  Under qmu. */
+void dm_sched_done(dm_core *c, struct dm_item *it, int64_t took_ns, bool unfinished);
+/* Does work wait for a worker?  Under qmu. */
+bool dm_sched_waiting(const dm_core *c);
+/* Free what s still has queued (the core is going away).  Under qmu. */
+void dm_sched_free_queued(dm_core *c, dm_sess *s);
+
 /* --- core.c -------------------------------------------------------------- */
 
 struct dm_fstats {
@@ -352,7 +413,10 @@ struct dm_core {
 
 	pthread_mutex_t qmu;
 	pthread_cond_t qcv;
-	struct dm_req *qhead, **qtail;
+	struct dm_user *rhead, *rtail;	/* users with work queued (qmu) */
+	size_t nready;			/* sessions with work queued (qmu) */
+	uint64_t slices;		/* items workers ran (qmu) */
+	uint64_t slice_bytes;		/* of a request a worker runs at once; 0: all */
 	unsigned nworkers;		/* started (qmu) */
 	unsigned maxworkers;		/* room in workers: the configured ones and spares */
 	struct dm_worker *workers;
@@ -362,7 +426,8 @@ struct dm_core {
 	dm_sess *nhead, *ntail;
 	struct dm_req *xhead, **xtail;	/* external requests not yet taken */
 	struct dm_req *xall;		/* every external request not yet completed */
-	dm_sess *phead, **ptail;	/* sessions whose writes a worker is to pump (qmu) */
+	struct dm_user *users;		/* every user with a session (mu) */
+	uint64_t nsessions;		/* open sessions (mu) */
 
 	pthread_mutex_t iomu;		/* every session call */
 	struct dm_sink sink;		/* where answers go */
@@ -378,13 +443,14 @@ struct dm_core {
 	atomic_uint_fast64_t io_reads, io_writes, io_errors, io_polls, io_wakeups;
 
 	atomic_uint_fast64_t outstanding, executing, meta_bytes;
-	atomic_uint_fast64_t inline_runs, worker_runs, refused_limits;
+	atomic_uint_fast64_t inline_runs, worker_runs, refused_limits, refused_user_limits;
 	atomic_uint_fast64_t executing_bytes, run_bytes, busy_ns, external;
 	struct dm_fstats fstats[DM_NFUNCS];
 };
 
-/* Link s into / out of the core's list of sessions. */
-void dm_core_attach(dm_core *c, dm_sess *s);
+/* Link s into the core's list of sessions as a session of user uid:
+ * 0, or ENFILE at the global or the user's cap on sessions, or ENOMEM. */
+int dm_core_attach(dm_core *c, dm_sess *s, uint32_t uid);
 void dm_core_detach(dm_core *c, dm_sess *s);
 /* Queue r to the workers (r holds a session reference). */
 void dm_core_enqueue(dm_core *c, struct dm_req *r);
@@ -394,9 +460,13 @@ void dm_core_enqueue_pump(dm_core *c, dm_sess *s);
  * transfer (a client's memory on a slow FUSE file): a stalled request
  * delays only itself. */
 void dm_core_check_stalls(dm_core *c);
-/* Count n bytes of request metadata against the global cap: 0 or EAGAIN. */
-int dm_core_meta_reserve(dm_core *c, size_t n);
-void dm_core_meta_release(dm_core *c, size_t n);
+/* Count n bytes of request metadata of user u against the global cap and
+ * the user's: 0 or EAGAIN. */
+int dm_core_meta_reserve(dm_core *c, struct dm_user *u, size_t n);
+void dm_core_meta_release(dm_core *c, struct dm_user *u, size_t n);
+/* Count one more outstanding request of user u against the caps: 0 or EAGAIN. */
+int dm_core_req_reserve(dm_core *c, struct dm_user *u);
+void dm_core_req_release(dm_core *c, struct dm_user *u, uint64_t n);
 /* Put s on / take s off the notify list; call under s->mu.  Adding returns
  * true when the list was empty (the eventfd then needs a signal). */
 bool dm_core_notify_add(dm_core *c, dm_sess *s);

@@ -64,30 +64,65 @@ add_busy(struct dm_exec *x, const struct timespec *t0, uint64_t bytes)
 	atomic_fetch_add(&x->core->run_bytes, bytes);
 }
 
+/* Run bytes [from, from + len) of r with imm; 0, an errno or DM_DONE. */
+static int
+run_range(struct dm_exec *x, const struct dm_req *r, uint64_t from, uint64_t len, uint8_t imm[DM_IMM])
+{
+	struct timespec t0;
+	int err;
+
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	err = r->fn->run(x, r, from, len, imm);
+	add_busy(x, &t0, len);
+	return err;
+}
+
 void
 dm_exec_run(struct dm_exec *x, const struct dm_req *r, struct dmio_usrresp *resp)
 {
 	uint8_t imm[DM_IMM];
 	int err = r->err;
-	struct timespec t0;
 
 	/* By default the immediate is echoed, as NetBSD hands back dreq_immediate. */
 	memcpy(imm, r->imm, DM_IMM);
+	if (err == 0)
+		err = run_range(x, r, 0, r->total, imm);
+	set_resp(resp, r->id, err == DM_DONE ? 0 : err, imm);
+}
+
+bool
+dm_exec_slice(struct dm_exec *x, struct dm_req *r, uint64_t max, struct dmio_usrresp *resp)
+{
+	uint64_t left = r->total - r->done;
+	uint64_t len = max != 0 && left > max ? max : left;
+	int err = r->err;
+
 	if (err == 0) {
-		clock_gettime(CLOCK_MONOTONIC, &t0);
-		err = r->fn->run(x, r, imm);
-		add_busy(x, &t0, r->total);
+		err = run_range(x, r, r->done, len, r->imm);
+		r->done += len;
+		if (err == 0 && r->done < r->total)
+			return false;
 	}
-	set_resp(resp, r->id, err, imm);
+	set_resp(resp, r->id, err == DM_DONE ? 0 : err, r->imm);
+	return true;
+}
+
+/* A cursor on list l, from bytes on. */
+static void
+cursor_at(struct dm_rcur *c, const struct dm_list *l, uint64_t from)
+{
+	dm_rcur_init(c, l->iov, l->cnt);
+	if (from > 0)
+		dm_rcur_skip(c, from);
 }
 
 int
-dm_run_zero(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
+dm_run_zero(struct dm_exec *x, const struct dm_req *r, uint64_t from, uint64_t len, uint8_t imm[DM_IMM])
 {
 	struct dm_rcur out;
 
-	dm_rcur_init(&out, r->out.iov, r->out.cnt);
-	return dm_put(x, r->peer, &out, x->core->zeros, x->chunk, r->total);
+	cursor_at(&out, &r->out, from);
+	return dm_put(x, r->peer, &out, x->core->zeros, x->chunk, len);
 }
 
 /* Zero requests (without a constraint error) share process_vm_writev calls. */
@@ -169,14 +204,14 @@ dm_exec_run_batch(struct dm_exec *x, struct dm_req *const *r, size_t n, struct d
 }
 
 int
-dm_run_fill8(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
+dm_run_fill8(struct dm_exec *x, const struct dm_req *r, uint64_t from, uint64_t len, uint8_t imm[DM_IMM])
 {
 	struct dm_rcur out;
-	size_t unit = r->total < x->chunk ? (size_t)r->total : x->chunk;
+	size_t unit = len < x->chunk ? (size_t)len : x->chunk;
 
 	memset(x->buf[0], imm[0], unit);
-	dm_rcur_init(&out, r->out.iov, r->out.cnt);
-	return dm_put(x, r->peer, &out, x->buf[0], unit, r->total);
+	cursor_at(&out, &r->out, from);
+	return dm_put(x, r->peer, &out, x->buf[0], unit, len);
 }
 
 /* Work on one chunk of k bytes gathered into x->buf[0..nin); returns the
@@ -184,17 +219,18 @@ dm_run_fill8(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
 typedef const uint8_t *dm_chunk_fn(struct dm_exec *x, int nin, size_t k, void *state);
 
 static int
-stream(struct dm_exec *x, const struct dm_req *r, dm_chunk_fn *fn, void *state)
+stream(struct dm_exec *x, const struct dm_req *r, uint64_t from, uint64_t len, dm_chunk_fn *fn,
+    void *state)
 {
 	struct dm_peer *p = r->peer;
 	struct dm_rcur in[DM_MAX_INPUTS], out;
 	int nin = r->fn->ninputs;
 
 	for (int i = 0; i < nin; i++)
-		dm_rcur_init(&in[i], r->in[i].iov, r->in[i].cnt);
-	dm_rcur_init(&out, r->out.iov, r->out.cnt);
-	for (uint64_t done = 0; done < r->total;) {
-		size_t k = r->total - done < x->chunk ? (size_t)(r->total - done) : x->chunk;
+		cursor_at(&in[i], &r->in[i], from);
+	cursor_at(&out, &r->out, from);
+	for (uint64_t done = 0; done < len;) {
+		size_t k = len - done < x->chunk ? (size_t)(len - done) : x->chunk;
 		const uint8_t *res;
 		int err = dm_gather(x, p, in, x->buf, nin, k);
 
@@ -215,9 +251,9 @@ copy_chunk(struct dm_exec *x, int nin, size_t k, void *state)
 }
 
 int
-dm_run_copy(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
+dm_run_copy(struct dm_exec *x, const struct dm_req *r, uint64_t from, uint64_t len, uint8_t imm[DM_IMM])
 {
-	return stream(x, r, copy_chunk, NULL);
+	return stream(x, r, from, len, copy_chunk, NULL);
 }
 
 static const uint8_t *
@@ -231,9 +267,9 @@ xor_chunk(struct dm_exec *x, int nin, size_t k, void *state)
 }
 
 int
-dm_run_xor(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
+dm_run_xor(struct dm_exec *x, const struct dm_req *r, uint64_t from, uint64_t len, uint8_t imm[DM_IMM])
 {
-	return stream(x, r, xor_chunk, NULL);
+	return stream(x, r, from, len, xor_chunk, NULL);
 }
 
 static const uint8_t *
@@ -261,10 +297,10 @@ put_le(uint8_t imm[DM_IMM], uint64_t value)
 }
 
 int
-dm_run_crc32c(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
+dm_run_crc32c(struct dm_exec *x, const struct dm_req *r, uint64_t from, uint64_t len, uint8_t imm[DM_IMM])
 {
 	uint32_t raw = crc_seed(imm);
-	int err = stream(x, r, crc_chunk, &raw);
+	int err = stream(x, r, from, len, crc_chunk, &raw);
 
 	if (err == 0)
 		put_le(imm, (uint32_t)~raw);
@@ -272,27 +308,28 @@ dm_run_crc32c(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
 }
 
 int
-dm_run_fill64(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
+dm_run_fill64(struct dm_exec *x, const struct dm_req *r, uint64_t from, uint64_t len, uint8_t imm[DM_IMM])
 {
 	struct dm_rcur out;
-	size_t unit = r->total < x->chunk ? (size_t)r->total : x->chunk;
+	size_t unit = len < x->chunk ? (size_t)len : x->chunk;
 
-	/* chunk is a multiple of DM_ALIGN (64), so repeating unit bytes keeps the 8-byte phase. */
+	/* chunk, and so from, is a multiple of DM_ALIGN (64): repeating unit
+	 * bytes from the pattern's start keeps the 8-byte phase. */
 	for (size_t i = 0; i < unit; i += DM_IMM)
 		memcpy(x->buf[0] + i, imm, unit - i < DM_IMM ? unit - i : DM_IMM);
-	dm_rcur_init(&out, r->out.iov, r->out.cnt);
-	return dm_put(x, r->peer, &out, x->buf[0], unit, r->total);
+	cursor_at(&out, &r->out, from);
+	return dm_put(x, r->peer, &out, x->buf[0], unit, len);
 }
 
 int
-dm_run_compare(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
+dm_run_compare(struct dm_exec *x, const struct dm_req *r, uint64_t from, uint64_t len, uint8_t imm[DM_IMM])
 {
 	struct dm_rcur in[2];
 
-	dm_rcur_init(&in[0], r->in[0].iov, r->in[0].cnt);
-	dm_rcur_init(&in[1], r->in[1].iov, r->in[1].cnt);
-	for (uint64_t done = 0; done < r->total;) {
-		size_t k = r->total - done < x->chunk ? (size_t)(r->total - done) : x->chunk;
+	cursor_at(&in[0], &r->in[0], from);
+	cursor_at(&in[1], &r->in[1], from);
+	for (uint64_t done = 0; done < len;) {
+		size_t k = len - done < x->chunk ? (size_t)(len - done) : x->chunk;
 		int err = dm_gather(x, r->peer, in, x->buf, 2, k);
 
 		if (err != 0)
@@ -302,12 +339,13 @@ dm_run_compare(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
 
 			while (x->buf[0][i] == x->buf[1][i])
 				i++;
-			put_le(imm, done + i);	/* offset of the first difference */
-			return 0;
+			put_le(imm, from + done + i);	/* offset of the first difference */
+			return DM_DONE;
 		}
 		done += k;
 	}
-	memset(imm, 0xff, DM_IMM);		/* equal */
+	if (from + len == r->total)
+		memset(imm, 0xff, DM_IMM);	/* equal */
 	return 0;
 }
 
@@ -319,10 +357,11 @@ copy_crc_chunk(struct dm_exec *x, int nin, size_t k, void *state)
 }
 
 int
-dm_run_copy_crc32c(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
+dm_run_copy_crc32c(struct dm_exec *x, const struct dm_req *r, uint64_t from, uint64_t len,
+    uint8_t imm[DM_IMM])
 {
 	uint32_t raw = crc_seed(imm);
-	int err = stream(x, r, copy_crc_chunk, &raw);
+	int err = stream(x, r, from, len, copy_crc_chunk, &raw);
 
 	if (err == 0)
 		put_le(imm, (uint32_t)~raw);

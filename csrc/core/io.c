@@ -40,13 +40,6 @@
 
 #define REQ		sizeof(struct dmio_usrreq)
 #define RESP		sizeof(struct dmio_usrresp)
-/*
- * A transfer that is not a whole number of structs is taken as a piece of a
- * larger one cut by the kernel (1 MiB transfer size, less the offset of the
- * buffer in its page) when it is at least this long: its whole structs are
- * served and the rest is left to the client's next call.
- */
-#define SPLIT_MIN	(((size_t)1 << 20) - 4096)
 #define EV_IN		(POLLIN | POLLRDNORM)
 #define EV_OUT		(POLLOUT | POLLWRNORM)
 #define EV_ALL		(EV_IN | EV_OUT)
@@ -213,7 +206,7 @@ call_free(dm_core *c, struct dm_call *k)
 		dm_peer_unref(k->peer);
 	}
 	if (k->charged > 0)
-		dm_core_meta_release(c, k->charged);
+		dm_core_meta_release(c, k->sess->user, k->charged);
 	free(k->buf);
 	free(k);
 }
@@ -288,13 +281,19 @@ wake_polls(dm_core *c, uint64_t *kh, unsigned n)
 
 /* --- the rule ------------------------------------------------------------- */
 
-/* How many whole structs of unit bytes a transfer of len serves; false when
- * its length is invalid (EINVAL). */
+/*
+ * How many whole structs of unit bytes a transfer of len serves; false when
+ * it holds none (EINVAL).  The kernel cuts a write or read anywhere: at its
+ * transfer size, or where a scattered buffer's pages run out (a writev of
+ * 39-byte segments, one a page, comes as pieces of 256 pages).  A piece is
+ * served by its whole structs and the rest comes back short, for the
+ * client's next call, as a pipe does.
+ */
 static bool
 whole_structs(size_t len, size_t unit, size_t *count)
 {
 	*count = len / unit;
-	return len % unit == 0 || (len >= SPLIT_MIN && *count > 0);
+	return len == 0 || *count > 0;
 }
 
 /* Shutting down, or the session closed: what waits ends with ENXIO (iomu). */
@@ -456,10 +455,10 @@ own(dm_core *c, struct dm_call *k)
 
 	if (k->buf != NULL || !k->write)
 		return 0;
-	if (dm_core_meta_reserve(c, n) != 0)
+	if (dm_core_meta_reserve(c, k->sess->user, n) != 0)
 		return EAGAIN;
 	if ((k->buf = malloc(n)) == NULL) {
-		dm_core_meta_release(c, n);
+		dm_core_meta_release(c, k->sess->user, n);
 		return ENOMEM;
 	}
 	k->charged = n;
@@ -468,13 +467,16 @@ own(dm_core *c, struct dm_call *k)
 	return 0;
 }
 
-/* Submit the queued writes of s until none can go on.  The caller owns the
- * pump (s->pumping) and a session reference; x is its context. */
+/* Submit the queued writes of s until none can go on, or until a step's
+ * decoding is spent: the rest is then a worker's, at the session's next
+ * turn.  The caller owns the pump (s->pumping) and a session reference; x
+ * is its context. */
 static void
 pump(dm_sess *s, struct dm_exec *x)
 {
 	dm_core *c = s->core;
 
+	x->decode_left = DM_DECODE_STEP;
 	for (;;) {
 		struct dm_call *k, *chain = NULL;
 		size_t room, n, acc;
@@ -558,6 +560,21 @@ pump(dm_sess *s, struct dm_exec *x)
 				chain_push(&chain, k, why);
 				finish_chain(c, chain);
 			}
+		} else if (x->decode_left == 0) {
+			/* The step is spent: keep the rest of the write and go on
+			 * at the session's next turn (s->pumping stays set). */
+			if ((err = own(c, k)) != 0) {
+				detach(c, k);
+				pthread_mutex_unlock(&c->iomu);
+				chain_push(&chain, k, err);
+				finish_chain(c, chain);
+				continue;
+			}
+			pthread_mutex_unlock(&c->iomu);
+			if (acc > 0)
+				dm_io_kick(s);
+			dm_core_enqueue_pump(c, s);
+			return;
 		} else {
 			pthread_mutex_unlock(&c->iomu);
 		}

@@ -15,15 +15,17 @@
 #include "dmint.h"
 
 dm_sess *
-dm_sess_new(dm_core *core, uint64_t id, int pid, int pidfd, unsigned depth)
+dm_sess_open(dm_core *core, uint64_t id, int pid, int pidfd, uint32_t uid, unsigned depth, int *err)
 {
 	dm_sess *s;
 	int64_t now = dm_clock_ns(CLOCK_REALTIME);
 
 	/* An opener without a pidfd could not be told from a reused pid: refuse.
 	 * No opener (pid 0) is for sessions written only through the transport. */
+	*err = EINVAL;
 	if (core == NULL || depth == 0 || pid < 0 || (pid > 0 && pidfd < 0))
 		return NULL;
+	*err = ENOMEM;
 	s = calloc(1, sizeof(*s) + (size_t)depth * sizeof(s->ring[0]));
 	if (s == NULL)
 		return NULL;
@@ -33,6 +35,7 @@ dm_sess_new(dm_core *core, uint64_t id, int pid, int pidfd, unsigned depth)
 		return NULL;
 	}
 	s->core = core;
+	s->rqtail = &s->rqhead;
 	s->id = id;
 	pthread_mutex_init(&s->mu, NULL);
 	s->func = -1;
@@ -42,8 +45,25 @@ dm_sess_new(dm_core *core, uint64_t id, int pid, int pidfd, unsigned depth)
 	atomic_init(&s->atime_ns, now);
 	atomic_init(&s->mtime_ns, now);
 	atomic_init(&s->ctime_ns, now);
-	dm_core_attach(core, s);
+	/* Last: from here on the core's threads can see it. */
+	if ((*err = dm_core_attach(core, s, uid)) != 0) {
+		if (s->opener != NULL) {
+			s->opener->pidfd = -1;	/* the caller still owns it */
+			dm_peer_unref(s->opener);
+		}
+		pthread_mutex_destroy(&s->mu);
+		free(s);
+		return NULL;
+	}
 	return s;
+}
+
+dm_sess *
+dm_sess_new(dm_core *core, uint64_t id, int pid, int pidfd, unsigned depth)
+{
+	int err;
+
+	return dm_sess_open(core, id, pid, pidfd, 0, depth, &err);
 }
 
 void
@@ -94,7 +114,7 @@ dm_sess_close(dm_sess *s)
 	dm_core_notify_del(c, s);
 	last = --s->refs == 0;
 	pthread_mutex_unlock(&s->mu);
-	atomic_fetch_sub(&c->outstanding, dropped);
+	dm_core_req_release(c, s->user, dropped);
 	if (last)
 		dm_sess_destroy(s);
 }
@@ -171,7 +191,7 @@ dm_sess_finish(dm_sess *s, const struct dmio_usrresp *resp)
 	pthread_mutex_lock(&s->mu);
 	if (s->dead) {
 		s->outstanding--;
-		atomic_fetch_sub(&c->outstanding, 1);
+		dm_core_req_release(c, s->user, 1);
 	} else {
 		ring_push(s, resp);
 		/* The transport's calls are woken directly; others learn from the eventfd. */
@@ -213,20 +233,6 @@ dm_sess_take_eperm(dm_sess *s)
 	s->eperm_pid = 0;
 	pthread_mutex_unlock(&s->mu);
 	return pid;
-}
-
-/* Count one more outstanding request against the global cap. */
-static int
-reserve_global(dm_core *c)
-{
-	uint64_t cap = c->cfg.max_requests;
-
-	if (atomic_fetch_add(&c->outstanding, 1) >= cap && cap != 0) {
-		atomic_fetch_sub(&c->outstanding, 1);
-		atomic_fetch_add(&c->refused_limits, 1);
-		return EAGAIN;
-	}
-	return 0;
 }
 
 /* Run n accepted small requests in this thread and deliver their responses
@@ -335,7 +341,7 @@ submit(dm_sess *s, struct dm_exec *x, struct dm_peer *peer, const void *reqs, si
 	dm_exec_recheck(x);	/* the client may have exited since the last call */
 	/* Window by window.  Only the submitter adds to outstanding, so the
 	 * room seen here is still there below. */
-	while (n < nreq && e == 0) {
+	while (n < nreq && e == 0 && x->decode_left > 0) {
 		size_t room, want, k, i;
 
 		pthread_mutex_lock(&s->mu);
@@ -350,7 +356,7 @@ submit(dm_sess *s, struct dm_exec *x, struct dm_peer *peer, const void *reqs, si
 			break;
 		k = dm_decode(x, s, fn, func, wire + n * sizeof(struct dmio_usrreq), want, x->win, &e);
 		for (i = 0; i < k; i++) {
-			int ge = reserve_global(c);
+			int ge = dm_core_req_reserve(c, s->user);
 
 			if (ge != 0) {
 				for (size_t j = i; j < k; j++)
@@ -390,6 +396,7 @@ dm_sess_submit(dm_sess *s, const void *reqs, size_t nreq, int *err)
 
 	/* Callers from Python share the core's inline context; they act for the opener. */
 	pthread_mutex_lock(&c->submit_mu);
+	c->inl->decode_left = SIZE_MAX;
 	n = submit(s, c->inl, s->opener, reqs, nreq, err);
 	pthread_mutex_unlock(&c->submit_mu);
 	return n;
@@ -421,7 +428,7 @@ dm_sess_take_some(dm_sess *s, void *resps, size_t max, size_t min)
 		s->outstanding -= (unsigned)n;
 	}
 	pthread_mutex_unlock(&s->mu);
-	atomic_fetch_sub(&s->core->outstanding, n);
+	dm_core_req_release(s->core, s->user, n);
 	return n;
 }
 

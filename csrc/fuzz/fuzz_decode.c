@@ -155,9 +155,11 @@ struct core_cfg {
 };
 
 static const struct core_cfg cores_cfg[3] = {
-	{ "inline", NULL, { 1, 1088, SIZE_MAX, 0, 0, 0 }, false },
-	{ "inline-portable-capped", "portable", { 1, 320, SIZE_MAX, 6, 40000, 0 }, false },
-	{ "worker-capped", NULL, { 1, 4096, 0, 5, 0, 0 }, true },
+	{ "inline", NULL, { .workers = 1, .chunk_bytes = 1088, .inline_bytes = SIZE_MAX }, false },
+	{ "inline-portable-capped", "portable", { .workers = 1, .chunk_bytes = 320, .inline_bytes = SIZE_MAX,
+	    .max_requests = 6, .max_meta_bytes = 40000 }, false },
+	/* Requests of more than two chunks run in slices. */
+	{ "worker-capped", NULL, { .workers = 1, .chunk_bytes = 4096, .max_requests = 5, .slice_bytes = 8192 }, true },
 };
 static dm_core *cores[3];
 static uint64_t next_sess_id = 1;
