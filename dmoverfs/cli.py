@@ -25,21 +25,23 @@ def _mountpoint(args: argparse.Namespace) -> Path:
     return Path(os.path.abspath(args.mountpoint or paths.default_mountpoint()))
 
 
+def _not_negative(text: str) -> int:
+    value = int(text, 0)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def _tunables(args: argparse.Namespace) -> Tunables:
-    given = {
-        "queue_depth": args.queue_depth,
-        "workers": args.workers,
-        "max_sessions": args.max_sessions,
-        "max_requests": args.max_requests,
-        "max_meta_bytes": args.max_meta_bytes,
-    }
-    return Tunables(**{k: v for k, v in given.items() if v is not None})
+    given = {name: getattr(args, name) for name in mount_helper.NUMERIC}
+    given = {k: v for k, v in given.items() if v is not None}
+    return Tunables.shared(**given) if args.allow_other else Tunables(**given)
 
 
 def _server_args(args: argparse.Namespace) -> list[str]:
     """The options of this ``mount`` to hand to the background server."""
     out: list[str] = []
-    for name in ("queue_depth", "workers", "max_sessions", "max_requests", "max_meta_bytes"):
+    for name in mount_helper.NUMERIC:
         value = getattr(args, name)
         if value is not None:
             out += ["--" + name.replace("_", "-"), str(value)]
@@ -227,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--max-sessions", type=_positive, help="sessions open at once (ENFILE beyond)")
     mount.add_argument("--max-requests", type=_positive, help="requests outstanding over all sessions (EAGAIN beyond)")
     mount.add_argument("--max-meta-bytes", type=_positive, help="request metadata held over all sessions (EAGAIN beyond)")
+    mount.add_argument("--max-user-sessions", type=_positive, help="sessions one user may have open (ENFILE beyond)")
+    mount.add_argument("--max-user-requests", type=_positive, help="requests one user may have outstanding (EAGAIN beyond)")
+    mount.add_argument("--max-user-meta-bytes", type=_positive, help="request metadata one user may hold (EAGAIN beyond)")
+    mount.add_argument(
+        "--slice-bytes", type=_not_negative, help="bytes of a request a worker runs before it turns to others (0: whole)"
+    )
     mount.add_argument("--allow-other", action="store_true", help="let other users open sessions (FUSE allow_other)")
     mount.add_argument("--foreground", action="store_true", help="serve in this process instead of the background")
     mount.add_argument("--debug", action="store_true", help="log every FUSE request")

@@ -41,7 +41,13 @@ NUMERIC = {
     "max_sessions": "--max-sessions",
     "max_requests": "--max-requests",
     "max_meta_bytes": "--max-meta-bytes",
+    "max_user_sessions": "--max-user-sessions",
+    "max_user_requests": "--max-user-requests",
+    "max_user_meta_bytes": "--max-user-meta-bytes",
+    "slice_bytes": "--slice-bytes",
 }
+#: Numeric -o options for which 0 means something (whole requests, for slice_bytes).
+ZERO_ALLOWED = {"slice_bytes"}
 #: -o options without a value.
 FLAGS = {
     "allow_other": "--allow-other",
@@ -154,8 +160,9 @@ def mount_argv(argv: list[str]) -> list[str]:
                 number = int(value, 0)
             except ValueError:
                 number = 0
-            if number < 1:
-                raise SystemExit(f"dmoverfs: -o {option}: {key} needs a positive whole number")
+            if number < (0 if key in ZERO_ALLOWED else 1):
+                kind = "a whole number, 0 or more" if key in ZERO_ALLOWED else "a positive whole number"
+                raise SystemExit(f"dmoverfs: -o {option}: {key} needs {kind}")
             out += [NUMERIC[key], str(number)]
         elif option in FLAGS:
             out.append(FLAGS[key])

@@ -47,4 +47,13 @@ def format_table(data: dict[str, Any]) -> str:
             details += "; functions " + " ".join(backend["functions"])
         lines.append(f"back-end {name}: {details}")
     lines.append("limits: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in data["limits"].items()))
+    users = data.get("users")
+    if users and users["listed"]:
+        lines += ["", f"{'uid':>8}{'sessions':>10}{'outstanding':>13}{'queued':>9}{'metadata':>12}{'refused':>9}"]
+        for u in users["listed"]:
+            lines.append(
+                f"{u['uid']:>8}{u['sessions']:>10}{u['outstanding']:>13}{u['queued']:>9}{u['meta_bytes']:>12}{u['refused']:>9}"
+            )
+        if users["not_listed"]:
+            lines.append(f"({users['not_listed']} more users)")
     return "\n".join(lines)

@@ -61,6 +61,11 @@ class Core:
                 "inline_bytes": tunables.inline_bytes,
                 "max_requests": tunables.max_requests,
                 "max_meta_bytes": tunables.max_meta_bytes,
+                "max_sessions": tunables.max_sessions,
+                "max_user_sessions": tunables.max_user_sessions,
+                "max_user_requests": tunables.max_user_requests,
+                "max_user_meta_bytes": tunables.max_user_meta_bytes,
+                "slice_bytes": tunables.slice_bytes,
                 "transport": int(transport),
             },
         )
@@ -124,20 +129,33 @@ class Core:
         }
         return core, funcs
 
-    def session(self, sid: int, depth: int, pid: int = 0, pidfd: int = -1) -> CoreSession:
-        """A new session; takes ownership of *pidfd*.
+    def session(self, sid: int, depth: int, uid: int, pid: int = 0, pidfd: int = -1) -> CoreSession:
+        """A new session opened by user *uid*; takes ownership of *pidfd*.
 
-        Requests written through the transport act on their writer's memory.
-        *pid* (with its *pidfd*) is whom :meth:`CoreSession.submit` acts for:
-        the benchmark's pyfuse3 floor, which writes from Python."""
+        Raises OSError ENFILE when the global or the user's cap on sessions
+        is reached. Requests written through the transport act on their
+        writer's memory. *pid* (with its *pidfd*) is whom
+        :meth:`CoreSession.submit` acts for: the benchmark's pyfuse3 floor,
+        which writes from Python."""
         if depth > self._resp_cap:
             raise ValueError("session depth exceeds the core's response buffer")
-        ptr = lib.dm_sess_new(self._ptr, sid, pid, pidfd, depth)
+        err = ffi.new("int *")
+        ptr = lib.dm_sess_open(self._ptr, sid, pid, pidfd, uid, depth, err)
         if ptr == ffi.NULL:
             if pidfd >= 0:
                 os.close(pidfd)
-            raise OSError(errno.ENOMEM, "cannot allocate a session")
+            if err[0] == errno.ENFILE:
+                raise OSError(errno.ENFILE, f"too many sessions open (uid {uid} or all users at their cap)")
+            raise OSError(err[0], f"cannot open a session: {os.strerror(err[0])}")
         return CoreSession(self, ptr)
+
+    def users(self, limit: int) -> tuple[list[dict[str, int]], int]:
+        """Up to *limit* users with sessions open (most outstanding first), and how many there are."""
+        out = ffi.new("struct dm_user_stats[]", max(limit, 1))
+        total = ffi.new("size_t *")
+        n = lib.dm_core_users(self._ptr, out, limit, total)
+        fields = [name for name, _ in ffi.typeof("struct dm_user_stats").fields]
+        return [{name: getattr(out[i], name) for name in fields} for i in range(n)], total[0]
 
     def take_into(self, sess_ptr, max_resps: int) -> bytes:
         n = lib.dm_sess_take(sess_ptr, self._resp_buf, min(max_resps, self._resp_cap))

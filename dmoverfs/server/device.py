@@ -83,11 +83,10 @@ class Device:
         """A new session for the process that is opening inode *sid*."""
         if self.shutting_down:
             raise OSError(errno.ENXIO, "the server is shutting down")
-        if len(self.sessions) >= self.tunables.max_sessions:
-            raise OSError(errno.ENFILE, "too many sessions open")
-        # Requests act on the memory of whoever writes them; the opener is for stats.
+        # Requests act on the memory of whoever writes them; the opener is for
+        # stats, and its uid is the user the caps and the scheduler count.
         client = Client(pid=thread_group(ctx.pid), uid=ctx.uid, gid=ctx.gid)
-        core_session = self.core.session(sid, self.tunables.queue_depth)
+        core_session = self.core.session(sid, self.tunables.queue_depth, ctx.uid)
         session = Session(sid, core_session, client, self.tunables.queue_depth)
         if preset is not None:
             try:

@@ -40,13 +40,27 @@ def snapshot(device: Device) -> dict[str, Any]:
             "queue_waits": calls["parked_writes"],
             "read_waits": calls["parked_reads"],
             "refused_by_limits": core["refused_limits"],
+            "refused_by_user_limits": core["refused_user_limits"],
             "metadata_bytes": core["meta_bytes"],
+            # Slices of requests and steps of write decoding the workers ran, turn by turn.
+            "worker_slices": core["slices"],
         },
+        "users": _users(device),
         "calls": calls,
         "functions": per_function | {name: vars(c).copy() for name, c in device.dispatcher.plugin_functions.items()},
         "backends": _backends(device, core),
         "limits": device.tunables.as_dict(),
     }
+
+
+#: Users listed in ``stats`` at most (the most outstanding first); the rest are counted.
+USERS_LISTED = 32
+
+
+def _users(device: Device) -> dict[str, Any]:
+    """Each user's share of the caps: sessions, outstanding requests, metadata, refusals."""
+    listed, count = device.core.users(USERS_LISTED)
+    return {"count": count, "not_listed": count - len(listed), "listed": listed}
 
 
 def _transport(device: Device) -> dict[str, Any]:

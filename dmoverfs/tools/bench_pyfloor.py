@@ -83,7 +83,7 @@ class Operations(pyfuse3.Operations):
         if inode == pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EISDIR)
         pid = thread_group(ctx.pid)
-        self.sessions[inode] = self.core.session(inode, self.depth, pid, open_pidfd(pid))
+        self.sessions[inode] = self.core.session(inode, self.depth, ctx.uid, pid, open_pidfd(pid))
         return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False, nonseekable=True)
 
     async def setxattr(self, inode, name, value, ctx):
