@@ -2,7 +2,7 @@
 refused, or parked until the session changes - and woken by whoever changes it.
 
 The edge cases of the answering rule (SPEC.md, Semantics): ENXIO before a
-function is set, EINVAL for partial structs, EFAULT at write for unreadable
+function is set, EINVAL for less than one struct, EFAULT at write for unreadable
 iovec arrays and in the response for unreachable data, EINVAL in the
 response for a function's own constraint, EAGAIN and short counts for a
 non-blocking file (however O_NONBLOCK was set), a blocking read that waits
@@ -139,9 +139,9 @@ def test_edge_cases_of_reads_and_writes(mnt, nonblock):
         assert outcome(submit, fd, request(1, out=whole(buf))) == ("errno", "ENXIO")
         assert outcome(os.read, fd, 16) == ("errno", "ENXIO")
         os.setxattr(fd, XATTR_FUNCTION, b"zero")
-        # Not whole requests, not whole responses: EINVAL.
-        assert outcome(os.write, fd, b"\0" * 41) == ("errno", "EINVAL")
-        assert outcome(os.read, fd, 17) == ("errno", "EINVAL")
+        # Not one whole request, not room for one whole response: EINVAL.
+        assert outcome(os.write, fd, b"\0" * 39) == ("errno", "EINVAL")
+        assert outcome(os.read, fd, 15) == ("errno", "EINVAL")
         # An iovec array that cannot be read: EFAULT at write.
         assert outcome(os.write, fd, raw_request(UNMAPPED, 1, req_id=7)) == ("errno", "EFAULT")
         # Data that cannot be written: accepted, then EFAULT in the response.

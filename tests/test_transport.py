@@ -541,8 +541,8 @@ def test_a_write_failing_on_a_request_updates_mtime(shallow, data, expected):
     "function, call, expected",
     [
         # NetBSD checks the length and the function before it stamps the time.
-        ("zero", lambda fd: os.write(fd, b"\0" * 41), errno.EINVAL),
-        ("zero", lambda fd: os.read(fd, 17), errno.EINVAL),
+        ("zero", lambda fd: os.write(fd, b"\0" * 39), errno.EINVAL),
+        ("zero", lambda fd: os.read(fd, 15), errno.EINVAL),
         (None, lambda fd: os.write(fd, raw_request(UNMAPPED, 1)), errno.ENXIO),
         (None, lambda fd: os.read(fd, 16), errno.ENXIO),
     ],
