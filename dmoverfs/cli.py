@@ -118,9 +118,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
+    from dmoverfs import unmount
+
     mountpoint = _mountpoint(args)
     try:
-        mounting.unmount(mountpoint)
+        unmount.unmount(mountpoint)
     except mounting.MountError as exc:
         raise SystemExit(f"dmoverfs: {exc}") from None
     print(f"dmoverfs unmounted from {mountpoint}")
