@@ -118,11 +118,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
-    from dmoverfs import unmount
-
     mountpoint = _mountpoint(args)
     try:
-        unmount.unmount(mountpoint)
+        mounting.unmount(mountpoint)
     except mounting.MountError as exc:
         raise SystemExit(f"dmoverfs: {exc}") from None
     print(f"dmoverfs unmounted from {mountpoint}")

@@ -2,8 +2,8 @@
 
 ``mount`` starts the server in the background and returns only when the
 mount answers (the server writes ``ready`` to a pipe once FUSE_INIT is done).
-Unmounting is dmoverfs.unmount's job; a lazy unmount (below) clears a
-mount whatever its server's state.
+``unmount`` is dmoverfs.unmount's (it stops a server within a deadline,
+whatever its state); a lazy unmount (below) just detaches a mount.
 """
 
 from __future__ import annotations
@@ -113,6 +113,13 @@ def lazy_unmount(mountpoint: Path) -> None:
     result = subprocess.run([tool, "-u", "-z", str(mountpoint)], capture_output=True, text=True)
     if result.returncode != 0 and is_mounted(mountpoint):
         raise MountError(result.stderr.strip() or f"cannot unmount {mountpoint}")
+
+
+def unmount(mountpoint: Path) -> None:
+    """Stop the server at *mountpoint* and remove the mount, stale, silent or not: see dmoverfs.unmount."""
+    from dmoverfs import unmount as unmounting  # it builds on this module
+
+    unmounting.unmount(mountpoint)
 
 
 # -- /dev/dmoverio -------------------------------------------------------------------
