@@ -11,6 +11,7 @@ continues the server and kills it (:func:`taken_down`).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -295,3 +296,49 @@ def test_a_user_unmounts_their_own_stopped_server(rescue, user):
             print(f"a user's unmount of their stopped server took {took:.2f} s; clients got {results}")
     finally:
         log.unlink(missing_ok=True)
+
+
+# -- no fusectl mounted ---------------------------------------------------------------------------
+
+#: Run in a mount and pid namespace of its own, where fusectl is unmounted first: a stopped server's
+#: mount, with a client blocked in a read, unmounted by the command. Prints what it saw as JSON.
+NO_FUSECTL = """
+import json, os, signal, subprocess, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from dmoverfs import mounting
+from programs import FUSE_WAIT, FUSECTL, asleep_in, python_program, wait_threads
+mnt = Path({mnt!r})
+subprocess.run(["umount", str(FUSECTL)], check=True, timeout=30)
+seen = {{"fusectl_before": os.path.ismount(FUSECTL)}}
+server = mounting.spawn_server(mnt, ["--queue-depth", "2"], Path({log!r}))
+reader = subprocess.Popen([*python_program("stuck"), str(mnt), "read", "2"], stdout=subprocess.PIPE, text=True)
+try:
+    seen["ready"] = reader.stdout.readline().strip()
+    seen["blocked"] = wait_threads(reader.pid, asleep_in(FUSE_WAIT), 1, 10.0)
+    server.send_signal(signal.SIGSTOP)
+    cli = subprocess.run([sys.executable, "-m", "dmoverfs", "unmount", str(mnt)], capture_output=True, text=True, timeout=30)
+    seen |= {{"rc": cli.returncode, "stderr": cli.stderr, "fusectl_after": os.path.ismount(FUSECTL)}}
+    seen["mounted"] = mounting.is_mounted(mnt)
+    seen["reader"] = reader.communicate(timeout=10)[0].splitlines()
+finally:
+    for signum in (signal.SIGCONT, signal.SIGKILL):
+        server.send_signal(signum)
+    server.wait()
+    reader.kill()
+print(json.dumps(seen))
+"""
+
+
+def test_root_mounts_fusectl_to_abort_when_it_is_missing(tmp_path):
+    """Everything runs in namespaces of its own: whatever happens, its processes and mounts die with it."""
+    code = NO_FUSECTL.format(tests=str(Path(__file__).resolve().parent), mnt=str(tmp_path / "mnt"), log=str(tmp_path / "log"))
+    (tmp_path / "mnt").mkdir()
+    command = ["unshare", "--mount", "--propagation", "private", "--pid", "--kill-child", "--mount-proc", PY, "-c", code]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.splitlines()[-1])
+    assert seen["fusectl_before"] is False and seen["ready"] == "ready" and seen["blocked"] == 1, seen
+    assert seen["rc"] == 0 and "does not answer" in seen["stderr"], seen
+    assert seen["fusectl_after"] is True and seen["mounted"] is False, seen
+    assert seen["reader"] == ["result -1 ECONNABORTED", "after -1 ENOTCONN"], seen
