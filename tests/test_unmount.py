@@ -301,44 +301,64 @@ def test_a_user_unmounts_their_own_stopped_server(rescue, user):
 # -- no fusectl mounted ---------------------------------------------------------------------------
 
 #: Run in a mount and pid namespace of its own, where fusectl is unmounted first: a stopped server's
-#: mount, with a client blocked in a read, unmounted by the command. Prints what it saw as JSON.
+#: mount, with a client blocked in a read, unmounted by the command; the mount, the client and the
+#: command run after the prefix (as a user, or not). Prints what it saw as JSON.
 NO_FUSECTL = """
-import json, os, signal, subprocess, sys
+import json, os, re, select, signal, subprocess, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from dmoverfs import mounting
 from programs import FUSE_WAIT, FUSECTL, asleep_in, python_program, wait_threads
-mnt = Path({mnt!r})
+mnt, prefix, env = Path({mnt!r}), {prefix!r}, {env!r}
 subprocess.run(["umount", str(FUSECTL)], check=True, timeout=30)
 seen = {{"fusectl_before": os.path.ismount(FUSECTL)}}
-server = mounting.spawn_server(mnt, ["--queue-depth", "2"], Path({log!r}))
-reader = subprocess.Popen([*python_program("stuck"), str(mnt), "read", "2"], stdout=subprocess.PIPE, text=True)
+mounted = subprocess.run([*prefix, sys.executable, "-m", "dmoverfs", "mount", str(mnt), "--queue-depth", "2",
+                          "--log-file", {log!r}], capture_output=True, text=True, env=env, timeout=60, check=True)
+server = int(re.search(r"server pid (\\d+)", mounted.stdout).group(1))  # our orphan: this is the namespace's init
+reader = subprocess.Popen([*prefix, *python_program("stuck"), str(mnt), "read", "2"], stdout=subprocess.PIPE, env=env)
 try:
-    seen["ready"] = reader.stdout.readline().strip()
+    seen["ready"] = reader.stdout.readline().decode().strip()
     seen["blocked"] = wait_threads(reader.pid, asleep_in(FUSE_WAIT), 1, 10.0)
-    server.send_signal(signal.SIGSTOP)
-    cli = subprocess.run([sys.executable, "-m", "dmoverfs", "unmount", str(mnt)], capture_output=True, text=True, timeout=30)
+    os.kill(server, signal.SIGSTOP)
+    cli = subprocess.run([*prefix, sys.executable, "-m", "dmoverfs", "unmount", str(mnt)], capture_output=True, text=True,
+                         env=env, timeout=30)
     seen |= {{"rc": cli.returncode, "stderr": cli.stderr, "fusectl_after": os.path.ismount(FUSECTL)}}
     seen["mounted"] = mounting.is_mounted(mnt)
-    seen["reader"] = reader.communicate(timeout=10)[0].splitlines()
+    freed = select.select([reader.stdout], [], [], 5.0)[0]
+    seen["reader"] = os.read(reader.stdout.fileno(), 4096).decode().splitlines() if freed else "still blocked"
 finally:
     for signum in (signal.SIGCONT, signal.SIGKILL):
-        server.send_signal(signum)
-    server.wait()
+        os.kill(server, signum)
+    os.waitpid(server, 0)
     reader.kill()
 print(json.dumps(seen))
 """
 
 
-def test_root_mounts_fusectl_to_abort_when_it_is_missing(tmp_path):
-    """Everything runs in namespaces of its own: whatever happens, its processes and mounts die with it."""
-    code = NO_FUSECTL.format(tests=str(Path(__file__).resolve().parent), mnt=str(tmp_path / "mnt"), log=str(tmp_path / "log"))
-    (tmp_path / "mnt").mkdir()
+def without_fusectl(mnt: Path, log: Path, prefix: list[str], env: dict | None) -> dict:
+    """Run NO_FUSECTL in namespaces of its own: whatever happens, its processes and mounts die with it."""
+    tests = str(Path(__file__).resolve().parent)
+    code = NO_FUSECTL.format(tests=tests, mnt=str(mnt), log=str(log), prefix=prefix, env=env)
     command = ["unshare", "--mount", "--propagation", "private", "--pid", "--kill-child", "--mount-proc", PY, "-c", code]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.splitlines()[-1])
     assert seen["fusectl_before"] is False and seen["ready"] == "ready" and seen["blocked"] == 1, seen
-    assert seen["rc"] == 0 and "does not answer" in seen["stderr"], seen
-    assert seen["fusectl_after"] is True and seen["mounted"] is False, seen
+    assert "does not answer" in seen["stderr"] and seen["mounted"] is False, seen
+    return seen
+
+
+def test_root_mounts_fusectl_to_abort_when_it_is_missing(tmp_path):
+    (tmp_path / "mnt").mkdir()
+    seen = without_fusectl(tmp_path / "mnt", tmp_path / "log", [], None)
+    assert seen["rc"] == 0 and seen["fusectl_after"] is True, seen
     assert seen["reader"] == ["result -1 ECONNABORTED", "after -1 ENOTCONN"], seen
+
+
+def test_a_user_without_fusectl_is_told_that_blocked_clients_stay_blocked(user):
+    mnt = user.make_dir(user.home.parent / f"{user.name}-mnt-{secrets.token_hex(2)}")
+    seen = without_fusectl(mnt, user.home / "nofusectl.log", as_user(user), user.env())
+    # Detached, but nothing could free the client: the command says so and fails.
+    assert seen["rc"] == 1 and seen["fusectl_after"] is False, seen
+    assert "fusectl is not mounted" in seen["stderr"] and "stay blocked" in seen["stderr"], seen
+    assert seen["reader"] == "still blocked", seen
