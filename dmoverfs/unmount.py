@@ -94,32 +94,31 @@ def find_mount(mountpoint: Path) -> MountEntry | None:
 # -- asking the server ----------------------------------------------------------------------
 
 
+#: Run by a child process: print the server's pid from ``stats`` (argv[1]), or the errno reading it gave.
+_READ_PID = """
+import errno, json, sys
+try:
+    with open(sys.argv[1], "rb") as f:
+        print(json.dumps({"pid": int(json.loads(f.read())["server"]["pid"])}))
+except OSError as exc:
+    print(json.dumps({"errno": exc.errno or errno.EIO}))
+except (ValueError, KeyError, TypeError):
+    print(json.dumps({"errno": errno.EPROTO}))
+"""
+
+
 @dataclass(frozen=True)
 class Answer:
     """What reading the mount's ``stats`` gave: the server's pid, an errno, or nothing in time."""
 
     pid: int | None = None
     error: int | None = None
-    reader: int | None = None  # the pid of a child still reading, killed at the deadline
+    #: The child that was still reading at the deadline (killed, maybe not yet gone).
+    reader: subprocess.Popen | None = None
 
     @property
     def silent(self) -> bool:
         return self.pid is None and self.error is None
-
-
-def _read_pid_in_child(stats: Path, write_end: int) -> None:
-    """In the forked child: read *stats*, write ``{"pid": N}`` or ``{"errno": E}``, exit."""
-    try:
-        try:
-            with open(stats, "rb") as f:
-                result = {"pid": int(json.loads(f.read())["server"]["pid"])}
-        except OSError as exc:
-            result = {"errno": exc.errno or errno.EIO}
-        except (ValueError, KeyError, TypeError):
-            result = {"errno": errno.EPROTO}
-        os.write(write_end, json.dumps(result).encode())
-    finally:
-        os._exit(0)
 
 
 def ask_server(mountpoint: Path, timeout: float) -> Answer:
@@ -131,31 +130,26 @@ def ask_server(mountpoint: Path, timeout: float) -> Answer:
     uninterruptible wait): then it goes when the connection is aborted.
     """
     read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        _read_pid_in_child(mountpoint / "stats", write_end)
-    os.close(write_end)
+    try:
+        # -I -S: nothing but the standard library, started fast.
+        reader = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _READ_PID, str(mountpoint / "stats")],
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.DEVNULL,
+        )
+    finally:
+        os.close(write_end)
     data = mounting.read_pipe(read_end, timeout)
     if data is None:
-        os.kill(pid, signal.SIGKILL)  # our own child, not yet reaped: the pid is still its own
-        return Answer(reader=pid)
-    os.waitpid(pid, 0)  # it exits right after writing
+        reader.kill()
+        return Answer(reader=reader)
+    reader.wait()  # it exits right after writing
     try:
         result = json.loads(data)
         return Answer(pid=result.get("pid"), error=result.get("errno"))
-    except ValueError:
+    except (ValueError, AttributeError):
         return Answer(error=errno.EPROTO)
-
-
-def reap(pid: int, timeout: float) -> bool:
-    """Wait up to *timeout* seconds for our child *pid* to exit; True once reaped."""
-    end = time.monotonic() + timeout
-    while True:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done or time.monotonic() >= end:
-            return bool(done)
-        time.sleep(0.02)
 
 
 # -- stopping an answering server -------------------------------------------------------------
@@ -252,19 +246,29 @@ def detach(mountpoint: Path, timeout: float) -> None:
         raise mounting.MountError(result.stderr.strip() or f"cannot unmount {mountpoint}")
 
 
-def force(entry: MountEntry, deadline: Deadline, say: Say) -> str | None:
+def force(entry: MountEntry, deadline: Deadline) -> str | None:
     """Abort the connection and detach the mount; a warning if the abort could not be done."""
     warning = None
     try:
         abort_connection(entry)
     except AbortError as exc:
-        warning = f"{exc}; clients blocked on the mount stay blocked until its server answers or exits"
-        say(f"dmoverfs: cannot abort the FUSE connection: {warning}")
+        warning = (
+            f"the FUSE connection could not be aborted ({exc}): "
+            "clients blocked on the mount stay blocked until its server answers or exits"
+        )
     detach(entry.mountpoint, deadline.left())
     return warning
 
 
 # -- the command -------------------------------------------------------------------------------
+
+
+def _reaped(child: subprocess.Popen, timeout: float) -> bool:
+    try:
+        child.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def _stderr(message: str) -> None:
@@ -289,14 +293,14 @@ def unmount(mountpoint: Path, say: Say = _stderr) -> None:
         failed = stop_server(answer.pid, mountpoint, deadline)
         if failed is not None and find_mount(mountpoint) == entry:
             say(f"dmoverfs: {failed}: aborting its FUSE connection {entry.connection} and detaching the mount")
-            warning = force(entry, deadline, say)
+            warning = force(entry, deadline)
     elif answer.silent:
         say(
             f"dmoverfs: the server of {mountpoint} does not answer ({mountpoint / 'stats'} gave nothing in "
             f"{ANSWER_TIMEOUT_S:.0f} s): aborting its FUSE connection {entry.connection} and detaching the mount; "
             "calls blocked on it fail with ECONNABORTED"
         )
-        warning = force(entry, deadline, say)
+        warning = force(entry, deadline)
     elif answer.error in GONE:
         say(f"dmoverfs: the server of {mountpoint} is gone (stale mount: {os.strerror(answer.error)}); removing the mount")
         detach(mountpoint, deadline.left())
@@ -305,8 +309,8 @@ def unmount(mountpoint: Path, say: Say = _stderr) -> None:
         # connection, and the server exits, once the detached mount is no longer busy.
         say(f"dmoverfs: cannot ask the server of {mountpoint} to stop ({os.strerror(answer.error)}); detaching the mount")
         detach(mountpoint, deadline.left())
-    if answer.reader is not None and not reap(answer.reader, deadline.left(MIN_STEP_S)):
-        say(f"dmoverfs: process {answer.reader} (reading {mountpoint / 'stats'}) is still waiting on the mount")
+    if answer.reader is not None and not _reaped(answer.reader, deadline.left(MIN_STEP_S)):
+        say(f"dmoverfs: process {answer.reader.pid} (reading {mountpoint / 'stats'}) is still waiting on the mount")
     # The server removes its /dev/dmoverio on the way out; a killed or silent one could not.
     mounting.remove_dev_link(mountpoint)
     if find_mount(mountpoint) is not None:
