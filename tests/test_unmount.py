@@ -6,7 +6,9 @@ The command must return within UNMOUNT_S with the mount gone and every one
 of those clients freed with an error, leaving no process in D state: the
 clients, the command and anything it started, as /proc/PID/stat shows them
 while it runs and after. Whatever happens, the test aborts the connection,
-continues the server and kills it (:func:`taken_down`).
+continues the server and kills it (:func:`taken_down`). Without fusectl
+mounted, root mounts it to abort, and a user is told that blocked clients
+stay blocked (run in namespaces of their own, so the host keeps its fusectl).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from programs import FUSE_WAIT, FUSECTL, Child, Rescue, asleep_in, mount_device,
 from users import TempUser, make_user
 
 PY = sys.executable
-#: The issue's bound for the whole command on a server that does not answer.
+#: The bound on the whole command, whatever state the server is in.
 UNMOUNT_S = 15.0
 #: A freed client prints its result and exits within this once the command is done.
 FREED_S = 5.0
