@@ -2,9 +2,8 @@
 
 ``mount`` starts the server in the background and returns only when the
 mount answers (the server writes ``ready`` to a pipe once FUSE_INIT is done).
-``unmount`` asks the server to stop (SIGTERM, so blocked clients are woken
-with ENXIO) and falls back to a lazy unmount, which also clears the mount
-left by a server that was killed.
+``unmount`` is dmoverfs.unmount's (it stops a server within a deadline,
+whatever its state); a lazy unmount (below) just detaches a mount.
 """
 
 from __future__ import annotations
@@ -13,15 +12,12 @@ import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 FSTYPE = "fuse.dmoverfs"
 READY_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 10.0
 
 
 class MountError(Exception):
@@ -67,6 +63,15 @@ def server_pid(mountpoint: Path) -> int | None:
         return None
 
 
+def read_pipe(read_end: int, timeout: float, size: int = 4096) -> bytes | None:
+    """What the pipe *read_end* gives within *timeout* seconds (b"" at EOF), or None if nothing came; closes it."""
+    try:
+        readable, _, _ = select.select([read_end], [], [], timeout)
+        return os.read(read_end, size) if readable else None
+    finally:
+        os.close(read_end)
+
+
 def spawn_server(mountpoint: Path, server_args: list[str], log_file: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``dmoverfs mount --foreground`` detached; return it once the mount answers.
 
@@ -88,12 +93,7 @@ def spawn_server(mountpoint: Path, server_args: list[str], log_file: Path, env: 
             start_new_session=True,
         )
     os.close(write_end)
-    try:
-        # EOF (the server died) also makes the pipe readable.
-        readable, _, _ = select.select([read_end], [], [], READY_TIMEOUT_S)
-        answer = os.read(read_end, 64) if readable else b""
-    finally:
-        os.close(read_end)
+    answer = read_pipe(read_end, READY_TIMEOUT_S) or b""  # b"" too if the server died (EOF)
     if answer.startswith(b"ready"):
         return proc
     if proc.poll() is None:
@@ -103,22 +103,6 @@ def spawn_server(mountpoint: Path, server_args: list[str], log_file: Path, env: 
         lazy_unmount(mountpoint)
     tail = log_file.read_text(errors="replace").strip().splitlines()[-8:]
     raise MountError("the server did not start:\n  " + "\n  ".join(tail) + f"\n(full log: {log_file})")
-
-
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
-def _wait_exit(pidfd: int, timeout: float) -> bool:
-    """True once the process behind *pidfd* has exited (a zombie counts: we cannot reap it)."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(int(timeout * 1000)))
 
 
 def lazy_unmount(mountpoint: Path) -> None:
@@ -132,28 +116,10 @@ def lazy_unmount(mountpoint: Path) -> None:
 
 
 def unmount(mountpoint: Path) -> None:
-    """Stop the server at *mountpoint* and remove the mount, stale or not."""
-    mountpoint = Path(os.path.abspath(mountpoint))
-    if not is_mounted(mountpoint):
-        raise MountError(f"{mountpoint} is not a dmoverfs mount")
-    pid = server_pid(mountpoint)
-    pidfd = None
-    if pid is not None:
-        try:
-            pidfd = os.pidfd_open(pid)
-            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            pidfd = None
-    try:
-        if pidfd is not None and _wait(lambda: not is_mounted(mountpoint), STOP_TIMEOUT_S):
-            _wait_exit(pidfd, STOP_TIMEOUT_S)
-        else:
-            lazy_unmount(mountpoint)
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-    # The server removes its /dev/dmoverio on the way out; a killed one could not.
-    remove_dev_link(mountpoint)
+    """Stop the server at *mountpoint* and remove the mount, stale, silent or not: see dmoverfs.unmount."""
+    from dmoverfs import unmount as unmounting  # it builds on this module
+
+    unmounting.unmount(mountpoint)
 
 
 # -- /dev/dmoverio -------------------------------------------------------------------

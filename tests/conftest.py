@@ -15,11 +15,13 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dmoverfs import mounting
+from programs import Rescue
 
 _TEMP_ROOT: Path | None = None
 _SERVERS: list[Server] = []
@@ -167,6 +169,16 @@ def background(tmp_path: Path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.fixture
+def rescue(server_factory) -> Iterator[Rescue]:  # noqa: ANN001 - pytest fixture
+    """The test's programs, mounts and session descriptors; taken down before the servers are stopped."""
+    guard = Rescue()
+    yield guard
+    problems = guard.close()
+    if problems:
+        pytest.fail("cleanup had to force its way: " + "; ".join(problems))
 
 
 @pytest.fixture(scope="module")

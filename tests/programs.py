@@ -98,7 +98,8 @@ class Child:
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._stderr: list[str] = []
         threading.Thread(target=self._pump, daemon=True).start()
-        threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True).start()
+        self._stderr_reader = threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True)
+        self._stderr_reader.start()
 
     def _pump(self) -> None:
         for line in self.proc.stdout:
@@ -148,6 +149,12 @@ class Child:
         state = f"exit status {code}" if code is not None else f"running, {proc_state(self.pid)}"
         stderr = "".join(self._stderr)
         return f"$ {' '.join(self.argv)}\n({state})\nstdout so far: {self.seen!r}\nstderr: {stderr!r}"
+
+    def stderr(self, timeout: float = 5.0) -> str:
+        """What it wrote on standard error, to the end of the stream once it has exited (up to *timeout*)."""
+        if self.proc.poll() is not None:
+            self._stderr_reader.join(timeout)
+        return "".join(self._stderr)
 
     def reap(self, timeout: float) -> bool:
         """True if the process has exited (and is reaped) within *timeout* seconds."""

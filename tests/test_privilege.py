@@ -45,10 +45,9 @@ from conftest import Server, temp_root
 from dmio import wait_for
 from dmoverfs import mounting
 from programs import Builder
-from users import LineProcess, TempUser, cmdline, fuse_conf, kill_and_wait, pids_of_uid, python_paths
+from users import LineProcess, TempUser, cmdline, fuse_conf, kill_and_wait, make_user, pids_of_uid
 
 TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
 PY = sys.executable
 
 #: Fixed addresses, far from where Linux puts heaps, libraries and stacks.
@@ -232,22 +231,10 @@ def users_base():
         pass
 
 
-def _make_user(base: Path, label: str, mounts: bool):
-    user = TempUser(base, label)
-    try:
-        user.grant_reach([*python_paths(), REPO, TESTS, base])
-        if mounts:
-            user.grant_fuse()
-    except BaseException:
-        user.remove()
-        raise
-    return user
-
-
 @pytest.fixture(scope="module")
 def user_a(users_base):
     """The unprivileged user who mounts, and who opens sessions against the root server."""
-    user = _make_user(users_base, "a", mounts=True)
+    user = make_user(users_base, "a", mounts=True)
     yield user
     user.remove()
 
@@ -255,7 +242,7 @@ def user_a(users_base):
 @pytest.fixture(scope="module")
 def user_b(users_base):
     """Another unprivileged user: a victim, an intruder or a receiver of a passed descriptor."""
-    user = _make_user(users_base, "b", mounts=False)
+    user = make_user(users_base, "b", mounts=False)
     yield user
     user.remove()
 

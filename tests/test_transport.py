@@ -67,16 +67,6 @@ SERVER_THREADS = 64
 REAP_S = 5.0
 
 
-@pytest.fixture
-def rescue(server_factory) -> Iterator[Rescue]:  # noqa: ANN001 - pytest fixture
-    """The test's programs, mounts and session descriptors; taken down before the servers are stopped."""
-    guard = Rescue()
-    yield guard
-    problems = guard.close()
-    if problems:
-        pytest.fail("cleanup had to force its way: " + "; ".join(problems))
-
-
 @pytest.fixture(scope="module")
 def shallow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server shared by the signal tests, whose sessions fill up after two requests."""

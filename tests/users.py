@@ -39,6 +39,7 @@ from pathlib import Path
 from conftest import sanitizer_env
 from dmoverfs import mounting
 
+REPO = Path(__file__).resolve().parent.parent
 FUSERMOUNT = "/usr/bin/fusermount3"
 FUSE_DEVICE = "/dev/fuse"
 FUSE_CONF = Path("/etc/fuse.conf")
@@ -444,3 +445,16 @@ class TempUser:
             shutil.rmtree(path, ignore_errors=True)
         if errors:
             raise SetupError("; ".join(errors))
+
+
+def make_user(base: Path, label: str, mounts: bool) -> TempUser:
+    """A TempUser who can run this virtualenv's Python on the repository's tests, and mount if *mounts*."""
+    user = TempUser(base, label)
+    try:
+        user.grant_reach([*python_paths(), REPO, REPO / "tests", base])
+        if mounts:
+            user.grant_fuse()
+    except BaseException:
+        user.remove()
+        raise
+    return user
