@@ -56,6 +56,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
+
 #define FLOOD_IOVS	1024	/* IOV_MAX: the most a list may hold */
 #define FLOOD_INPUTS	16	/* xor16 */
 #define MAX_THREADS	64
@@ -69,15 +71,6 @@ die(const char *what, int err)
 		fprintf(stderr, ": %s", strerror(err));
 	fputc('\n', stderr);
 	exit(1);
-}
-
-static uint64_t
-now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 static uint64_t
