@@ -21,54 +21,49 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import test_bench
 
 from dmoverfs import mounting
 from dmoverfs.tools import fairness
+from users import kill_and_wait, pids_of_uid
 
 PHASES = ["idle", "a", "b1", "b2", "c", "idle-after"]  # --quick: flood with 1 and 2 threads
 ATTACKS = {"a": ("monopoly", 2), "b1": ("flood", 1), "b2": ("flood", 2), "c": ("sessions", 20)}
-
-
-@pytest.fixture
-def tmpdir_for_others() -> Iterator[Path]:
-    """A TMPDIR the attacker's uid can search (pytest's own temporary root is private)."""
-    path = Path(tempfile.mkdtemp(prefix="dmoverfs-fairness-test-", dir="/tmp"))
-    os.chmod(path, 0o711)
-    try:
-        yield path
-    finally:
-        for mnt in mounting.mounts():
-            if str(mnt).startswith(str(path)):
-                mounting.lazy_unmount(mnt)
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def processes_mentioning(text: str) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline:
-            found.append(f"{entry.name}: {cmdline}")
-    return found
 
 
 def fairness_users() -> set[str]:
     return {entry.pw_name for entry in pwd.getpwall() if entry.pw_name.startswith("dmvfair")}
 
 
-def assert_nothing_left(tmp: Path, users_before: set[str]) -> None:
-    left = [m for m in mounting.mounts() if str(m).startswith(str(tmp))]
-    assert not left, f"mounts left behind: {left}"
-    deadline = time.monotonic() + 10
-    while processes_mentioning(str(tmp)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not processes_mentioning(str(tmp)), "processes left behind"
-    assert list(tmp.iterdir()) == [], f"temporary files left behind: {list(tmp.iterdir())}"
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A directory whose ``tmp`` is the run's TMPDIR, searchable by the attacker's uid
+    (pytest's own temporary root is private). Afterwards, whatever a failed run left
+    is taken down: mounts, the attacker user's processes, the user, the files."""
+    users_before = fairness_users()
+    path = Path(tempfile.mkdtemp(prefix="dmoverfs-fairness-test-", dir="/tmp"))
+    os.chmod(path, 0o711)
+    (path / "tmp").mkdir(mode=0o711)
+    try:
+        yield path
+    finally:
+        for mnt in mounting.mounts():
+            if str(mnt).startswith(str(path)):
+                mounting.lazy_unmount(mnt)
+        for name in fairness_users() - users_before:
+            kill_and_wait(pids_of_uid(pwd.getpwnam(name).pw_uid))
+            subprocess.run(["userdel", name], capture_output=True)
+            subprocess.run(["groupdel", name], capture_output=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_env(base: Path) -> dict[str, str]:
+    return {**os.environ, "TMPDIR": str(base / "tmp")}
+
+
+def assert_nothing_left(base: Path, users_before: set[str]) -> None:
+    """No mount, process or file under the run's TMPDIR, and no user of its own left."""
+    test_bench.assert_nothing_left(base)
     assert fairness_users() <= users_before, f"users left behind: {fairness_users() - users_before}"
 
 
@@ -76,14 +71,14 @@ def positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-def test_quick_run_reports_every_figure(tmpdir_for_others, tmp_path):
+def test_quick_run_reports_every_figure(base, tmp_path):
     out = tmp_path / "out"
     users_before = fairness_users()
     result = subprocess.run(
         [sys.executable, "-m", "dmoverfs.tools.fairness", "--quick", "--json", "--out", str(out)],
         capture_output=True,
         text=True,
-        env={**os.environ, "TMPDIR": str(tmpdir_for_others)},
+        env=run_env(base),
         timeout=300,
     )
     assert result.returncode == 0, result.stderr + result.stdout
@@ -153,10 +148,10 @@ def test_quick_run_reports_every_figure(tmpdir_for_others, tmp_path):
     if not slicing["measured"]:
         assert "NOT MEASURED" in text
 
-    assert_nothing_left(tmpdir_for_others, users_before)
+    assert_nothing_left(base, users_before)
 
 
-def test_interrupted_mid_attack_cleans_up(tmpdir_for_others, tmp_path):
+def test_interrupted_mid_attack_cleans_up(base, tmp_path):
     users_before = fairness_users()
     log = tmp_path / "stderr"
     with open(log, "w") as err:
@@ -164,7 +159,7 @@ def test_interrupted_mid_attack_cleans_up(tmpdir_for_others, tmp_path):
             [sys.executable, "-m", "dmoverfs.tools.fairness", "--quick", "--seconds", "3"],
             stdout=subprocess.DEVNULL,
             stderr=err,
-            env={**os.environ, "TMPDIR": str(tmpdir_for_others)},
+            env=run_env(base),
         )
     try:
         # Interrupt while the monopoly attacker runs and a victim waits on it.
@@ -173,7 +168,7 @@ def test_interrupted_mid_attack_cleans_up(tmpdir_for_others, tmp_path):
             assert proc.poll() is None, log.read_text()
             time.sleep(0.05)
         time.sleep(0.5)
-        running = processes_mentioning(str(tmpdir_for_others))
+        running = test_bench.processes_mentioning(str(base / "tmp"))
         assert any(" monopoly " in p for p in running) and any(" victim " in p for p in running), running
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
@@ -183,7 +178,7 @@ def test_interrupted_mid_attack_cleans_up(tmpdir_for_others, tmp_path):
             proc.wait()
     assert proc.returncode == 130, log.read_text()
     assert "interrupted" in log.read_text()
-    assert_nothing_left(tmpdir_for_others, users_before)
+    assert_nothing_left(base, users_before)
 
 
 def test_sources_compile_without_warnings(tmp_path):
