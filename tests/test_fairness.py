@@ -28,6 +28,7 @@ from dmoverfs.tools import fairness
 from users import kill_and_wait, pids_of_uid
 
 PHASES = ["idle", "a", "b1", "b2", "c", "idle-after"]  # --quick: flood with 1 and 2 threads
+FAIRNESS = [sys.executable, "-m", "dmoverfs.tools.fairness"]
 ATTACKS = {"a": ("monopoly", 2), "b1": ("flood", 1), "b2": ("flood", 2), "c": ("sessions", 20)}
 
 
@@ -75,7 +76,7 @@ def test_quick_run_reports_every_figure(base, tmp_path):
     out = tmp_path / "out"
     users_before = fairness_users()
     result = subprocess.run(
-        [sys.executable, "-m", "dmoverfs.tools.fairness", "--quick", "--json", "--out", str(out)],
+        [*FAIRNESS, "--quick", "--json", "--out", str(out), "--reference-options", "--queue-depth 64"],
         capture_output=True,
         text=True,
         env=run_env(base),
@@ -126,27 +127,22 @@ def test_quick_run_reports_every_figure(base, tmp_path):
     copy = checks["(a) monopoly: 1 MiB copy, longest round trip"]
     assert copy["value"] == phases["a"]["victims"][1]["max_s"] and copy["target"] == fairness.COPY_MAX_TARGET_S
 
-    # Slicing: measured once the server has the tunable; until then, said so.
+    # Slicing, against a reference mount any server accepts.
     slicing = data["slicing"]
     slice_checks = [c for c in data["checks"] if c["what"].startswith("slicing:")]
-    assert len(slice_checks) == 2
-    if slicing["measured"]:
-        assert [r["size"] for r in slicing["rows"]] == [1 << 20, 4 << 20]
-        for row, check in zip(slicing["rows"], slice_checks):
-            assert all(positive(x) for x in row["default_mbps"] + row["unsliced_mbps"])
-            assert check["value"] == pytest.approx(row["default_median"] / row["unsliced_median"])
-            assert check["met"] == (check["value"] >= fairness.SLICING_TARGET)
-    else:
-        assert "--slice-bytes" in slicing["reason"]
-        assert all(c["value"] is None and c["met"] is None for c in slice_checks)
+    assert slicing["measured"] and len(slice_checks) == 2
+    assert [r["size"] for r in slicing["rows"]] == [1 << 20, 4 << 20]
+    for row, check in zip(slicing["rows"], slice_checks):
+        assert len(row["default_mbps"]) == len(row["unsliced_mbps"]) == 1
+        assert all(positive(x) for x in row["default_mbps"] + row["unsliced_mbps"])
+        assert check["value"] == pytest.approx(row["default_median"] / row["unsliced_median"])
+        assert check["met"] == (check["value"] >= fairness.SLICING_TARGET)
 
     # The table: every check on a line of its own, with its verdict.
     text = (out / "fairness.txt").read_text()
     for what, check in checks.items():
         line = next(line for line in text.splitlines() if line.startswith(what))
         assert {True: "PASS", False: "MISS", None: "n/a"}[check["met"]] in line, line
-    if not slicing["measured"]:
-        assert "NOT MEASURED" in text
 
     assert_nothing_left(base, users_before)
 
@@ -156,7 +152,7 @@ def test_interrupted_mid_attack_cleans_up(base, tmp_path):
     log = tmp_path / "stderr"
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dmoverfs.tools.fairness", "--quick", "--seconds", "3"],
+            [*FAIRNESS, "--quick", "--seconds", "3"],
             stdout=subprocess.DEVNULL,
             stderr=err,
             env=run_env(base),
@@ -178,6 +174,27 @@ def test_interrupted_mid_attack_cleans_up(base, tmp_path):
             proc.wait()
     assert proc.returncode == 130, log.read_text()
     assert "interrupted" in log.read_text()
+    assert_nothing_left(base, users_before)
+
+
+def test_a_refused_reference_mount_is_reported_not_measured(base, tmp_path):
+    users_before = fairness_users()
+    result = subprocess.run(
+        [*FAIRNESS, "--quick", "--json", "--out", str(tmp_path), "--reference-options", "--no-such-tunable 0"],
+        capture_output=True,
+        text=True,
+        env=run_env(base),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    data = json.loads(result.stdout)
+    assert not data["slicing"]["measured"] and data["slicing"]["rows"] == []
+    assert "the server refused --no-such-tunable 0" in data["slicing"]["reason"]
+    assert "--no-such-tunable" in data["slicing"]["reason"].split(":", 1)[1]  # the server's own words
+    slice_checks = [c for c in data["checks"] if c["what"].startswith("slicing:")]
+    assert len(slice_checks) == 2 and all(c["value"] is None and c["met"] is None for c in slice_checks)
+    assert all(v["round_trips"] > 0 for p in data["phases"] for v in p["victims"])  # the rest was measured
+    assert f"NOT MEASURED: {data['slicing']['reason']}" in (tmp_path / "fairness.txt").read_text()
     assert_nothing_left(base, users_before)
 
 

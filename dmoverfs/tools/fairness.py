@@ -41,6 +41,7 @@ import platform
 import pwd
 import secrets
 import select
+import shlex
 import shutil
 import signal
 import stat
@@ -62,8 +63,8 @@ P99_TARGET_S = 0.050
 P50_RATIO_TARGET = 5.0
 COPY_MAX_TARGET_S = 0.5
 SLICING_TARGET = 0.95
-#: The tunable compared in the slicing figures: 0 runs whole requests.
-SLICE_OPTION = ["--slice-bytes", "0"]
+#: The reference mount of the slicing figures: slices of 0 bytes run whole requests.
+UNSLICED_OPTIONS = ("--slice-bytes", "0")
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,9 @@ class Settings:
     queue_func: str = "copy"
     copy_size: int = 1 * MiB  # the victim's copy during (a)
     slice_sizes: tuple[int, ...] = (16 * MiB, 1 * GiB)
-    slice_rounds: int = 3
+    slice_rounds: int = 5
     slice_seconds: float = 1.0
+    reference_options: tuple[str, ...] = UNSLICED_OPTIONS  # how the slicing figures' reference is mounted
     settle_timeout: float = 120.0  # for the server to be idle again after an attacker
     attacker_uid: int | None = None
     quick: bool = False
@@ -584,20 +586,23 @@ class Fairness:
 
     def slices(self, default: Mount, base: list[str]) -> None:
         """Lone copies on *default* and on a server running whole requests, alternating."""
-        _say(f"mounting a server with {' '.join(SLICE_OPTION)}")
+        options = " ".join(self.s.reference_options)
+        _say(f"mounting a server with {options}")
         try:
-            unsliced = self.mount("unsliced", [*base, *SLICE_OPTION])
+            unsliced = self.mount("unsliced", [*base, *self.s.reference_options])
         except mounting.MountError as exc:
             words = refusal(str(exc)).replace(str(self.workdir), "...")
-            self.slicing_unmeasured = f"the server refused {' '.join(SLICE_OPTION)}: {words}"
+            self.slicing_unmeasured = f"the server refused {options}: {words}"
             _say(f"slicing cost not measured: {self.slicing_unmeasured}")
             return
         self.slicing = [SliceRow(size) for size in self.s.slice_sizes]
         for rnd in range(self.s.slice_rounds):
             for row in self.slicing:
                 _say(f"slicing: {human_size(row.size)} copy, round {rnd + 1}/{self.s.slice_rounds}")
-                row.default_mbps.append(self.copy_mbps(default, row.size))
-                row.unsliced_mbps.append(self.copy_mbps(unsliced, row.size))
+                # A B, then B A: neither server always runs second.
+                order = [(default, row.default_mbps), (unsliced, row.unsliced_mbps)]
+                for mnt, runs in order if rnd % 2 == 0 else order[::-1]:
+                    runs.append(self.copy_mbps(mnt, row.size))
         unsliced.stop()
 
     def checks(self) -> list[Check]:
@@ -621,7 +626,7 @@ class Fairness:
         for row in self.slicing or [SliceRow(size) for size in self.s.slice_sizes]:
             out.append(
                 Check(
-                    f"slicing: lone {human_size(row.size)} copy, default / whole requests",
+                    f"slicing: lone {human_size(row.size)} copy, default / reference",
                     row.ratio,
                     "x",
                     ">=",
@@ -750,23 +755,26 @@ def table(run: Fairness, checks: list[Check]) -> str:
         if phase.attack is not None and phase.attack.error:
             lines.append(f"{phase.label}: {phase.attack.error}")
 
-    lines += ["", f"slicing cost: lone copies, default server against {' '.join(SLICE_OPTION)} (whole requests)"]
+    options = " ".join(s.reference_options)
+    lines += ["", f"slicing cost: lone copies, default server against one mounted with {options}"]
     if run.slicing_unmeasured is not None:
         lines.append(f"NOT MEASURED: {run.slicing_unmeasured}")
     else:
-        rows = [("size", "default", "whole requests", "ratio", f"runs of {s.slice_seconds:g} s")]
+        lines.append(f"medians of {s.slice_rounds} alternating run(s) of {s.slice_seconds:g} s each (slowest-fastest run)")
+        rows = [("size", "default", "", "reference", "", "ratio")]
         for row in run.slicing:
             d = row.as_dict()
             rows.append(
                 (
                     human_size(row.size),
                     f"{d['default_median']:,.0f} MB/s",
+                    f"({min(row.default_mbps):,.0f}-{max(row.default_mbps):,.0f})",
                     f"{d['unsliced_median']:,.0f} MB/s",
+                    f"({min(row.unsliced_mbps):,.0f}-{max(row.unsliced_mbps):,.0f})",
                     f"{row.ratio:.3f}",
-                    str(len(row.default_mbps)),
                 )
             )
-        lines += columns(rows, {1, 2, 3, 4})
+        lines += columns(rows, {1, 2, 3, 4, 5})
 
     lines += ["", "targets"]
     rows = [("figure", "measured", "target", "")]
@@ -829,7 +837,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--flood-batch", type=int, help="requests per write of the decode flood, 1 to 64 (default 8)")
     p.add_argument("--sessions", type=int, help="sessions of attack (c) (default 1000)")
     p.add_argument("--slice-sizes", help="lone copy sizes of the slicing figures (default 16M,1G)")
-    p.add_argument("--slice-rounds", type=int, help="alternating runs of the slicing figures (default 3)")
+    p.add_argument("--slice-rounds", type=int, help="alternating runs of the slicing figures (default 5)")
+    p.add_argument(
+        "--reference-options",
+        help="mount options of the slicing figures' reference server (default '--slice-bytes 0': whole requests)",
+    )
     p.add_argument("--attacker-uid", type=int, help="run the attackers as this uid (default, as root: a throwaway system user)")
     p.add_argument("--json", action="store_true", help="print the JSON document instead of the tables")
     p.add_argument("--out", type=Path, help="also write fairness.txt and fairness.json into this directory")
@@ -861,6 +873,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         given["slice_sizes"] = _sizes(args.slice_sizes)
     if args.slice_rounds is not None:
         given["slice_rounds"] = max(1, args.slice_rounds)
+    if args.reference_options is not None:
+        given["reference_options"] = tuple(shlex.split(args.reference_options))
     given["attacker_uid"] = args.attacker_uid
     return Settings(**given)
 
