@@ -61,6 +61,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "clock.h"
+
 #define SMALL_BYTES	4096
 #define MAX_BATCH	DMIO_NREQS_MAX
 #define MAX_INPUTS	16
@@ -78,15 +80,6 @@ die(const char *fmt, const char *arg, int err)
 		fprintf(stderr, ": %s", strerror(err));
 	fputc('\n', stderr);
 	exit(1);
-}
-
-static uint64_t
-now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 static uint64_t
