@@ -2,7 +2,7 @@
 //! checks each result against one computed here.
 //!
 //! ```text
-//! dmoverdemo run MOUNTPOINT            every function, non-blocking use, errors
+//! dmoverdemo run MOUNTPOINT [CHECK...] every function, non-blocking use, errors (or the checks named)
 //! dmoverdemo crc32c MOUNTPOINT FILE    the iscsi-crc32c of FILE
 //! dmoverdemo xor MOUNTPOINT OUT IN...  OUT = the XOR of the IN files (2 to 16, of one size)
 //! dmoverdemo layout                    the wire records' sizes and offsets
@@ -28,11 +28,11 @@ fn main() {
             print_layout();
             Ok(())
         }
-        [_, "run", mnt] => run_all(mnt),
+        [_, "run", mnt, names @ ..] => run_checks(mnt, names),
         [_, "crc32c", mnt, path] => crc_file(mnt, path),
         [_, "xor", mnt, out, inputs @ ..] if (2..=16).contains(&inputs.len()) => xor_files(mnt, out, inputs),
         _ => {
-            eprintln!("usage: dmoverdemo run MOUNTPOINT | crc32c MOUNTPOINT FILE | xor MOUNTPOINT OUT IN... | layout");
+            eprintln!("usage: dmoverdemo run MOUNTPOINT [CHECK...] | crc32c MOUNTPOINT FILE | xor MOUNTPOINT OUT IN... | layout");
             exit(2);
         }
     };
@@ -44,8 +44,8 @@ fn main() {
 
 type Check = Box<dyn Fn(&str) -> Outcome>;
 
-/// Runs every check in turn and stops at the first failure.
-fn run_all(mnt: &str) -> Result<(), Box<dyn std::error::Error>> {
+/// Runs the checks named (all if none is) in turn and stops at the first failure.
+fn run_checks(mnt: &str, names: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
     let mut checks: Vec<(String, Check)> = vec![
         ("zero".into(), Box::new(|m: &str| check_fill(m, "zero", 0))),
         ("fill8".into(), Box::new(|m: &str| check_fill(m, "fill8", 0x5A))),
@@ -58,6 +58,12 @@ fn run_all(mnt: &str) -> Result<(), Box<dyn std::error::Error>> {
     checks.push(("order".into(), Box::new(check_order)));
     checks.push(("nonblock".into(), Box::new(check_nonblock)));
     checks.push(("errors".into(), Box::new(check_errors)));
+    if let Some(unknown) = names.iter().find(|n| !checks.iter().any(|(name, _)| name == *n)) {
+        return Err(format!("no check named {:?}", unknown).into());
+    }
+    if !names.is_empty() {
+        checks.retain(|(name, _)| names.contains(&name.as_str()));
+    }
     for (name, check) in &checks {
         match check(mnt) {
             Ok(detail) => println!("{}: ok ({})", name, detail),

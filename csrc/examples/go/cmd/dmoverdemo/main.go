@@ -1,7 +1,7 @@
 // Command dmoverdemo uses every dmoverfs function through package dmover and
 // checks each result against one computed here.
 //
-//	dmoverdemo run MOUNTPOINT            every function, non-blocking use, errors
+//	dmoverdemo run MOUNTPOINT [CHECK...] every function, non-blocking use, errors (or the checks named)
 //	dmoverdemo crc32c MOUNTPOINT FILE    the iscsi-crc32c of FILE
 //	dmoverdemo xor MOUNTPOINT OUT IN...  OUT = the XOR of the IN files (2 to 16, of one size)
 //	dmoverdemo layout                    the wire records' sizes and offsets
@@ -29,14 +29,14 @@ func main() {
 	switch {
 	case len(os.Args) == 2 && os.Args[1] == "layout":
 		printLayout()
-	case len(os.Args) == 3 && os.Args[1] == "run":
-		err = runAll(os.Args[2])
+	case len(os.Args) >= 3 && os.Args[1] == "run":
+		err = runChecks(os.Args[2], os.Args[3:])
 	case len(os.Args) == 4 && os.Args[1] == "crc32c":
 		err = crcFile(os.Args[2], os.Args[3])
 	case len(os.Args) >= 6 && len(os.Args) <= 20 && os.Args[1] == "xor":
 		err = xorFiles(os.Args[2], os.Args[3], os.Args[4:])
 	default:
-		fmt.Fprintln(os.Stderr, "usage: dmoverdemo run MOUNTPOINT | crc32c MOUNTPOINT FILE | xor MOUNTPOINT OUT IN... | layout")
+		fmt.Fprintln(os.Stderr, "usage: dmoverdemo run MOUNTPOINT [CHECK...] | crc32c MOUNTPOINT FILE | xor MOUNTPOINT OUT IN... | layout")
 		os.Exit(2)
 	}
 	if err != nil {
@@ -51,8 +51,8 @@ type check struct {
 	run  func(mnt string) (string, error)
 }
 
-// runAll runs every check in turn and stops at the first failure.
-func runAll(mnt string) error {
+// runChecks runs the checks named (all if none is) in turn and stops at the first failure.
+func runChecks(mnt string, names []string) error {
 	checks := []check{{"zero", checkZero}, {"fill8", checkFill8}, {"copy", checkCopy}}
 	for n := 2; n <= 16; n++ {
 		n := n
@@ -60,6 +60,12 @@ func runAll(mnt string) error {
 	}
 	checks = append(checks, check{"iscsi-crc32c", checkCRC}, check{"order", checkOrder},
 		check{"nonblock", checkNonblock}, check{"errors", checkErrors})
+	if len(names) > 0 {
+		checks = choose(checks, names)
+		if len(checks) != len(names) {
+			return fmt.Errorf("no check named %q", unknown(checks, names))
+		}
+	}
 	for _, c := range checks {
 		detail, err := c.run(mnt)
 		if err != nil {
@@ -70,6 +76,30 @@ func runAll(mnt string) error {
 	}
 	fmt.Println("dmoverdemo: all checks passed")
 	return nil
+}
+
+// choose keeps the checks named, in their order.
+func choose(checks []check, names []string) []check {
+	var chosen []check
+	for _, c := range checks {
+		for _, name := range names {
+			if c.name == name {
+				chosen = append(chosen, c)
+				break
+			}
+		}
+	}
+	return chosen
+}
+
+// unknown is the first of names that no check has.
+func unknown(checks []check, names []string) string {
+	for _, name := range names {
+		if len(choose(checks, []string{name})) == 0 {
+			return name
+		}
+	}
+	return ""
 }
 
 // buffers maps n buffers of size bytes; free unmaps them.
