@@ -53,22 +53,26 @@ def tree(directory: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def build(cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
-    try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{' '.join(cmd)} did not finish within {BUILD_TIMEOUT_S} s")
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+def build(source: Path, env: dict[str, str], commands: list[list[str]], program: Path) -> Built:
+    """Run the build commands in source with env added to this environment."""
+    before = tree(source)
+    for cmd in commands:
+        try:
+            proc = subprocess.run(
+                cmd, cwd=source, env={**os.environ, **env}, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{' '.join(cmd)} did not finish within {BUILD_TIMEOUT_S} s")
+        if proc.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return Built(program, source, before)
 
 
 @pytest.fixture(scope="module")
 def go_demo(tmp_path_factory: pytest.TempPathFactory) -> Built:
     go = toolchain("go", "golang-go")
     work = tmp_path_factory.mktemp("go")
-    before = tree(GO_DIR)
     env = {
-        **os.environ,
         "GOCACHE": str(work / "cache"),
         "GOPATH": str(work / "gopath"),
         "GOENV": "off",
@@ -77,9 +81,8 @@ def go_demo(tmp_path_factory: pytest.TempPathFactory) -> Built:
         "GOTOOLCHAIN": "local",
         "CGO_ENABLED": "0",
     }
-    build([go, "vet", "./..."], GO_DIR, env)
-    build([go, "build", "-o", str(work / "dmoverdemo"), "./cmd/dmoverdemo"], GO_DIR, env)
-    return Built(work / "dmoverdemo", GO_DIR, before)
+    program = work / "dmoverdemo"
+    return build(GO_DIR, env, [[go, "vet", "./..."], [go, "build", "-o", str(program), "./cmd/dmoverdemo"]], program)
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +90,9 @@ def rust_demo(tmp_path_factory: pytest.TempPathFactory) -> Built:
     cargo = toolchain("cargo", "cargo")
     toolchain("rustc", "rustc")
     work = tmp_path_factory.mktemp("rust")
-    before = tree(RUST_DIR)
-    env = {
-        **os.environ,
-        "CARGO_HOME": str(work / "cargo-home"),
-        "CARGO_TARGET_DIR": str(work / "target"),
-        "RUSTFLAGS": "-D warnings",
-    }
-    build([cargo, "build", "--offline", "--locked", "--release"], RUST_DIR, env)
-    return Built(work / "target" / "release" / "dmoverdemo", RUST_DIR, before)
+    env = {"CARGO_HOME": str(work / "cargo-home"), "CARGO_TARGET_DIR": str(work / "target"), "RUSTFLAGS": "-D warnings"}
+    program = work / "target" / "release" / "dmoverdemo"
+    return build(RUST_DIR, env, [[cargo, "build", "--offline", "--locked", "--release"]], program)
 
 
 @pytest.fixture(params=LANGUAGES)

@@ -14,6 +14,21 @@ const (
 	PollHup = 0x10
 )
 
+// retry makes a system call until it is not interrupted (EINTR).
+func retry(call func() (uintptr, syscall.Errno)) (uintptr, error) {
+	for {
+		r, errno := call()
+		switch errno {
+		case 0:
+			return r, nil
+		case syscall.EINTR:
+			continue
+		default:
+			return 0, errno
+		}
+	}
+}
+
 // fsetxattr is fsetxattr(2), which package syscall lacks (it has the
 // path-based Setxattr only).
 func fsetxattr(fd int, name string, value []byte) error {
@@ -25,18 +40,12 @@ func fsetxattr(fd int, name string, value []byte) error {
 	if len(value) > 0 {
 		valuePtr = unsafe.Pointer(&value[0])
 	}
-	for {
+	_, err = retry(func() (uintptr, syscall.Errno) {
 		_, _, errno := syscall.Syscall6(syscall.SYS_FSETXATTR, uintptr(fd), uintptr(unsafe.Pointer(namePtr)),
 			uintptr(valuePtr), uintptr(len(value)), 0, 0)
-		switch errno {
-		case 0:
-			return nil
-		case syscall.EINTR:
-			continue
-		default:
-			return errno
-		}
-	}
+		return 0, errno
+	})
+	return err
 }
 
 // fgetxattr is fgetxattr(2); it returns the attribute's value.
@@ -46,18 +55,15 @@ func fgetxattr(fd int, name string) ([]byte, error) {
 		return nil, err
 	}
 	value := make([]byte, 256)
-	for {
+	n, err := retry(func() (uintptr, syscall.Errno) {
 		n, _, errno := syscall.Syscall6(syscall.SYS_FGETXATTR, uintptr(fd), uintptr(unsafe.Pointer(namePtr)),
 			uintptr(unsafe.Pointer(&value[0])), uintptr(len(value)), 0, 0)
-		switch errno {
-		case 0:
-			return value[:n], nil
-		case syscall.EINTR:
-			continue
-		default:
-			return nil, errno
-		}
+		return n, errno
+	})
+	if err != nil {
+		return nil, err
 	}
+	return value[:n], nil
 }
 
 // pollFd is struct pollfd.
@@ -71,23 +77,17 @@ type pollFd struct {
 // the events that happened (0 when the time ran out).
 func poll(fd int, events int16, timeout time.Duration) (int16, error) {
 	deadline := time.Now().Add(timeout)
-	for {
-		ms := -1
+	p := pollFd{fd: int32(fd), events: events}
+	_, err := retry(func() (uintptr, syscall.Errno) {
+		ms := -1 // recomputed on each try, rounded up so that a wait never ends before its deadline
 		if timeout >= 0 {
 			ms = int((time.Until(deadline) + time.Millisecond - 1) / time.Millisecond)
 			if ms < 0 {
 				ms = 0
 			}
 		}
-		p := pollFd{fd: int32(fd), events: events}
-		_, _, errno := syscall.Syscall(syscall.SYS_POLL, uintptr(unsafe.Pointer(&p)), 1, uintptr(ms))
-		switch errno {
-		case 0:
-			return p.revents, nil
-		case syscall.EINTR:
-			continue
-		default:
-			return 0, errno
-		}
-	}
+		n, _, errno := syscall.Syscall(syscall.SYS_POLL, uintptr(unsafe.Pointer(&p)), 1, uintptr(ms))
+		return n, errno
+	})
+	return p.revents, err
 }

@@ -27,82 +27,58 @@ fn c_name(name: &str) -> io::Result<CString> {
     CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
-/// Sets an extended attribute of an open file, retrying on EINTR.
-pub fn set_xattr(file: &File, name: &str, value: &[u8]) -> io::Result<()> {
-    let name = c_name(name)?;
+/// Makes a C library call until it is not interrupted; a negative result is
+/// an error, taken from errno.
+fn retry(mut call: impl FnMut() -> isize) -> io::Result<usize> {
     loop {
-        // SAFETY: name is NUL-terminated and value valid for its length.
-        let rc = unsafe {
-            fsetxattr(
-                file.as_raw_fd(),
-                name.as_ptr(),
-                value.as_ptr() as *const c_void,
-                value.len(),
-                0,
-            )
-        };
-        if rc == 0 {
-            return Ok(());
+        let rc = call();
+        if rc >= 0 {
+            return Ok(rc as usize);
         }
         let err = io::Error::last_os_error();
         if err.kind() != io::ErrorKind::Interrupted {
             return Err(err);
         }
     }
+}
+
+/// Sets an extended attribute of an open file.
+pub fn set_xattr(file: &File, name: &str, value: &[u8]) -> io::Result<()> {
+    let name = c_name(name)?;
+    let (fd, data) = (file.as_raw_fd(), value.as_ptr() as *const c_void);
+    // SAFETY: name is NUL-terminated and value valid for its length.
+    retry(|| unsafe { fsetxattr(fd, name.as_ptr(), data, value.len(), 0) } as isize).map(|_| ())
 }
 
 /// Reads an extended attribute of an open file (up to 256 bytes).
 pub fn get_xattr(file: &File, name: &str) -> io::Result<Vec<u8>> {
     let name = c_name(name)?;
     let mut value = vec![0u8; 256];
-    loop {
-        // SAFETY: name is NUL-terminated and value writable for its length.
-        let n = unsafe {
-            fgetxattr(
-                file.as_raw_fd(),
-                name.as_ptr(),
-                value.as_mut_ptr() as *mut c_void,
-                value.len(),
-            )
-        };
-        if n >= 0 {
-            value.truncate(n as usize);
-            return Ok(value);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
+    let (fd, data, size) = (file.as_raw_fd(), value.as_mut_ptr() as *mut c_void, value.len());
+    // SAFETY: name is NUL-terminated and value writable for its length.
+    let n = retry(|| unsafe { fgetxattr(fd, name.as_ptr(), data, size) })?;
+    value.truncate(n);
+    Ok(value)
 }
 
 /// Waits for events on a file, up to timeout (None: no limit); returns the
 /// events that happened, 0 if the time ran out.
 pub fn wait(file: &File, events: i16, timeout: Option<Duration>) -> io::Result<i16> {
     let deadline = timeout.map(|t| Instant::now() + t);
-    loop {
-        let ms = match deadline {
-            None => -1,
-            Some(d) => {
-                // Rounded up, so that a wait never ends before its deadline.
-                let left = d.saturating_duration_since(Instant::now());
-                let ms = left.as_millis() + u128::from(left.subsec_nanos() % 1_000_000 != 0);
-                ms.min(c_int::MAX as u128) as c_int
-            }
-        };
-        let mut fd = PollFd {
-            fd: file.as_raw_fd(),
-            events,
-            revents: 0,
-        };
+    let mut fd = PollFd {
+        fd: file.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    retry(|| {
+        // Recomputed on each try, rounded up so that a wait never ends before its deadline.
+        let ms = deadline.map_or(-1, |d| {
+            let left = d.saturating_duration_since(Instant::now());
+            let ms = left.as_millis() + u128::from(left.subsec_nanos() % 1_000_000 != 0);
+            ms.min(c_int::MAX as u128) as c_int
+        });
         // SAFETY: one valid pollfd.
-        let rc = unsafe { poll(&mut fd, 1, ms) };
-        if rc >= 0 {
-            return Ok(fd.revents);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
+        unsafe { poll(&mut fd, 1, ms) as isize }
+    })?;
+    Ok(fd.revents)
 }
