@@ -108,6 +108,9 @@ func (s *Session) Outstanding() int {
 // refuses (EINVAL, EFAULT) gives a *SubmitError; the requests after it were
 // not submitted.
 func (s *Session) Submit(reqs ...Request) ([]uint32, error) {
+	if len(reqs) == 0 {
+		return nil, nil
+	}
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
 	ids, err := s.pack(reqs)
