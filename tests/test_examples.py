@@ -260,10 +260,8 @@ REQ_VALUES = (0x1122334455667788, 0x99AABBCC, bytes(range(0xF0, 0xF8)), 0x010203
 RESP_VALUES = (0x01020304, -22, bytes(range(0xA0, 0xA8)))
 
 
-@pytest.fixture(scope="module")
-def c_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """What the header says, as printed by a program compiled against it."""
-    directory = tmp_path_factory.mktemp("layout")
+def header_layout(directory: Path) -> dict[str, str]:
+    """What the header says (sizes, offsets, constants, packed bytes), as printed by a program compiled against it."""
     source = directory / "layout.c"
     source.write_text(LAYOUT_PROGRAM)
     program = compile_c(source, directory / "layout", [*CFLAGS, "-pedantic"])
@@ -273,6 +271,11 @@ def c_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         key, _, value = line.rpartition(" ")
         facts[key] = value
     return facts
+
+
+@pytest.fixture(scope="module")
+def c_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return header_layout(tmp_path_factory.mktemp("layout"))
 
 
 @pytest.mark.parametrize("std", ["c99", "c11", "c17"])

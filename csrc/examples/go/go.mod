@@ -1,0 +1,3 @@
+module dmoverexample
+
+go 1.19
