@@ -7,7 +7,6 @@ import os
 
 from dmoverfs.wire import NREQS_MAX
 
-
 #: The caps that exist globally and per user, by name.
 USER_CAPS = ("sessions", "requests", "meta_bytes")
 

@@ -26,7 +26,7 @@ import pytest
 from conftest import Server, temp_root
 from dmio import REQ, RESP, collect, open_session, parse, request, submit, wait_for, whole
 from programs import Rescue
-from users import LineProcess, TempUser, python_paths
+from users import LineProcess, TempUser, make_user
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -40,16 +40,6 @@ def stats(mnt: Path) -> dict:
 
 def ready_within(fd: int, timeout: float) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
-
-
-@pytest.fixture
-def rescue(server_factory) -> Iterator[Rescue]:  # noqa: ANN001 - pytest fixture
-    """Session descriptors and the mounts they use, taken down before the servers are stopped."""
-    guard = Rescue()
-    yield guard
-    problems = guard.close()
-    if problems:
-        pytest.fail("cleanup had to force its way: " + "; ".join(problems))
 
 
 def mount(server_factory, rescue: Rescue, *options: str) -> Path:  # noqa: ANN001
@@ -132,12 +122,11 @@ def test_a_write_of_long_lists_does_not_hold_the_reader(server_factory, rescue):
 
 @pytest.fixture(scope="module")
 def other_user() -> Iterator[TempUser]:
-    base = temp_root() / f"fairness-{os.getpid()}"
+    base = temp_root() / f"hostile-{os.getpid()}"
     base.mkdir(mode=0o755)
     os.chmod(base, 0o755)
-    user = TempUser(base, "f")
+    user = make_user(base, "h", mounts=False)
     try:
-        user.grant_reach([*python_paths(), REPO, TESTS, base])
         yield user
     finally:
         user.remove()
