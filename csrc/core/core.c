@@ -43,7 +43,8 @@ worker_main(void *arg)
 		struct dm_req *r;
 
 		pthread_mutex_lock(&c->qmu);
-		while (c->qhead == NULL && c->phead == NULL && !atomic_load(&c->stopping))
+		while (c->qhead == NULL && c->phead == NULL && !dm_parts_pending(c->parts) &&
+		    !atomic_load(&c->stopping))
 			pthread_cond_wait(&c->qcv, &c->qmu);
 		if (atomic_load(&c->stopping)) {
 			pthread_mutex_unlock(&c->qmu);
@@ -62,6 +63,12 @@ worker_main(void *arg)
 			dm_sess_unref(s);
 			continue;
 		}
+		if (dm_parts_pending(c->parts)) {
+			/* Parts of a large request another worker runs. */
+			pthread_mutex_unlock(&c->qmu);
+			dm_parts_help(c->parts, w->x);
+			continue;
+		}
 		r = c->qhead;
 		c->qhead = r->next;
 		if (c->qhead == NULL)
@@ -69,6 +76,17 @@ worker_main(void *arg)
 		pthread_mutex_unlock(&c->qmu);
 		run_queued(c, w->x, r);
 	}
+}
+
+/* Parts of a large request were posted: wake the idle workers. */
+static void
+wake_workers(void *arg)
+{
+	dm_core *c = arg;
+
+	pthread_mutex_lock(&c->qmu);
+	pthread_cond_broadcast(&c->qcv);
+	pthread_mutex_unlock(&c->qmu);
 }
 
 /* Start one more worker (call with qmu held, or before any runs). */
@@ -202,7 +220,8 @@ dm_core_new(const struct dm_config *cfg, int *err)
 		e = errno;
 		goto fail;
 	}
-	if ((c->inl = dm_exec_new(c, c->cfg.chunk_bytes)) == NULL) {
+	if ((c->inl = dm_exec_new(c, c->cfg.chunk_bytes)) == NULL ||
+	    (c->parts = dm_parts_new(wake_workers, c)) == NULL || (c->shusers = dm_shusers_new()) == NULL) {
 		e = ENOMEM;
 		goto fail;
 	}
@@ -260,6 +279,8 @@ dm_core_free(dm_core *c)
 			dm_exec_free(c->workers[i].x);
 	free(c->workers);
 	dm_exec_free(c->inl);
+	dm_parts_free(c->parts);
+	dm_shusers_free(c->shusers);	/* after the sessions: their registrations count here */
 	if (c->efd >= 0)
 		close(c->efd);
 	if (c->zeros != NULL)
@@ -461,6 +482,7 @@ dm_core_stats(dm_core *c, struct dm_core_stats *out, struct dm_func_stats *per_f
 		out->run_bytes = atomic_load(&c->run_bytes);
 		out->busy_ns = atomic_load(&c->busy_ns);
 		out->external = atomic_load(&c->external);
+		out->shared_runs = atomic_load(&c->shared_runs);
 	}
 	for (int i = 0; per_func != NULL && i < nfunc && i < DM_NFUNCS; i++) {
 		per_func[i].submitted = atomic_load(&c->fstats[i].submitted);

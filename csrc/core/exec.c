@@ -75,7 +75,7 @@ dm_exec_run(struct dm_exec *x, const struct dm_req *r, struct dmio_usrresp *resp
 	memcpy(imm, r->imm, DM_IMM);
 	if (err == 0) {
 		clock_gettime(CLOCK_MONOTONIC, &t0);
-		err = r->fn->run(x, r, imm);
+		err = r->shared != NULL ? dm_shared_run(x, r, imm) : r->fn->run(x, r, imm);
 		add_busy(x, &t0, r->total);
 	}
 	set_resp(resp, r->id, err, imm);
@@ -94,7 +94,7 @@ dm_run_zero(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
 static bool
 batchable(const struct dm_req *r)
 {
-	return r->fn->run == dm_run_zero && r->err == 0;
+	return r->fn->run == dm_run_zero && r->err == 0 && r->shared == NULL;
 }
 
 /*
