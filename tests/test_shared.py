@@ -14,6 +14,8 @@ import errno
 import json
 import mmap
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import google_crc32c
@@ -315,3 +317,129 @@ def test_user_byte_limit(mnt):
         for s in sessions:
             s.close()
         close_all(*bufs)
+
+
+# -- whose memory: remapping, a forked child, an exec'd image -------------------------------
+
+#: What sharer.c's memory holds (tests/programs/writer.h).
+FILLED, OPENER, OTHER = "5a", "50", "c3"
+STEP_S = 30.0
+
+
+@pytest.fixture
+def rescue(server):
+    """The test's programs, killed (and the mount aborted if it stops answering) at the end."""
+    from programs import Rescue
+
+    guard = Rescue()
+    guard.watch(server.mountpoint, probe=server.mountpoint / "stats")
+    yield guard
+    problems = guard.close()
+    assert not problems, problems
+
+
+def sharer(rescue, programs, mnt: Path, mode: str, size: int):  # noqa: ANN201 - a programs.Child
+    child = rescue.spawn([programs("sharer"), mnt, mode, str(size)])
+    assert child.expect("registered", STEP_S) == "registered 0"
+    return child
+
+
+@pytest.mark.parametrize("size", [PAGE, 8 << 20])
+def test_remapped_range_keeps_the_registered_pages(mnt, rescue, programs, size):
+    before = shared_runs(mnt)
+    child = sharer(rescue, programs, mnt, "remap", size)
+    # The server works on the pages registered, not on what the process put there since.
+    assert child.expect("self", STEP_S) == f"self result 0 mapping {OTHER} file {FILLED}"
+    assert child.reap(STEP_S)
+    assert shared_runs(mnt) - before == 1
+
+
+@pytest.mark.parametrize("size", [PAGE, 8 << 20])
+def test_forked_child_does_not_use_the_parents_registration(mnt, rescue, programs, size):
+    before = shared_runs(mnt)
+    child = sharer(rescue, programs, mnt, "fork", size)
+    # The child's request acts on the child's memory; the registered pages stay as they were.
+    assert child.expect("child", STEP_S) == f"child result 0 mapping {FILLED} file {OPENER}"
+    assert child.expect("parent", STEP_S) == f"parent result 0 mapping {FILLED} file {FILLED}"
+    assert child.reap(STEP_S)
+    assert shared_runs(mnt) - before == 1  # the parent's request only
+
+
+@pytest.mark.parametrize("size", [PAGE, 8 << 20])
+def test_execd_image_does_not_use_the_old_registration(mnt, rescue, programs, size):
+    before = shared_runs(mnt)
+    child = sharer(rescue, programs, mnt, "exec", size)
+    assert child.expect("image", STEP_S) == f"image result 0 mapping {FILLED} file {OPENER}"
+    assert child.reap(STEP_S)
+    assert shared_runs(mnt) == before
+
+
+# -- unregistering, truncating, another process's descriptor --------------------------------
+
+
+def test_unregistering_with_requests_in_flight(mnt):
+    size, count = 32 << 20, 8
+    with client.Session(mnt, "copy") as s:
+        src = s.shared_buffer(size)
+        dsts = [s.shared_buffer(size) for _ in range(count)]
+        data = fill_random(src, 11)
+        before = shared_runs(mnt)
+        for dst in dsts:
+            s.submit(dst, inputs=[src])
+        # While they run: the registrations go (the buffers stay mapped here).
+        for buf in (src, *dsts):
+            os.setxattr(s.fileno(), XATTR_UNREGISTER, f"{buf.address} {size}".encode())
+        for result in s.results(count, timeout=120):
+            result.check()
+        assert shared_runs(mnt) - before == count
+        for dst in dsts:
+            assert np.array_equal(array(dst), data)
+        # From now on the same buffers take the ordinary path, with the same result.
+        array(dsts[0])[:] = 0
+        run_one(s, out=dsts[0], inputs=[src]).check()
+        assert shared_runs(mnt) - before == count
+        assert np.array_equal(array(dsts[0]), data)
+        for buf in (src, *dsts):
+            buf.session = None  # unregistered already
+            buf.close()
+
+
+def test_truncated_file_fails_the_request_not_the_server(mnt, memfd):
+    size = 16 * PAGE
+    with client.Session(mnt, "fill8") as s:
+        m = mmap.mmap(memfd, size, flags=mmap.MAP_SHARED)
+        register(s, memfd, 0, address(m), size)
+        os.ftruncate(memfd, 0)  # the pages are gone: an access now faults
+        result = run_one(s, out=memoryview(m)[PAGE:], immediate=1)
+        assert result.error == errno.EFAULT
+        os.ftruncate(memfd, size)
+        run_one(s, out=m, immediate=7).check()
+        assert m[:] == b"\x07" * size
+        m.close()
+
+
+def test_another_processs_descriptor_is_never_reached(mnt, tmp_path):
+    """The numbers name the setting process's descriptor and memory, never another's."""
+    code = (
+        "import mmap, os, sys, numpy as np\n"
+        "fd = os.memfd_create('other'); os.ftruncate(fd, 4096); os.dup2(fd, 900)\n"
+        "m = mmap.mmap(900, 4096, flags=mmap.MAP_SHARED)\n"
+        "print(np.frombuffer(m, dtype=np.uint8).ctypes.data, flush=True); sys.stdin.read()\n"
+    )
+    other = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        addr = int(other.stdout.readline())
+        with client.Session(mnt, "copy") as s:
+            assert errno_of(register, s, 900, 0, addr, PAGE) == errno.EBADF  # not ours: we have no 900
+            mine = os.memfd_create("mine")
+            os.ftruncate(mine, PAGE)
+            os.dup2(mine, 900)
+            try:
+                # Our own 900, but the address is not where we map it.
+                assert errno_of(register, s, 900, 0, addr, PAGE) == errno.EFAULT
+            finally:
+                os.close(900)
+                os.close(mine)
+    finally:
+        other.stdin.close()
+        other.wait(30)
