@@ -759,27 +759,24 @@ class Bench:
         split = size * bench_shared.SPLIT_FACTOR
         benches = [bench_shared.SharedBench(str(one.mountpoint), size), bench_shared.SharedBench(str(two.mountpoint), split)]
         try:
-            runs = []
+            runs = []  # (key, title, target, request, peer, bytes per run) of each figure
             for func in bench_shared.FUNCTIONS:
-                peer = benches[0].peer(func)
-                runs.append((func, size, benches[0].request(func), peer, Series("dmoverfs shared, 1 worker")))
-            peer = benches[1].peer("copy")
-            runs.append(("copy", split, benches[1].request("copy"), peer, Series("dmoverfs shared, 2 workers")))
+                title = f"{human_size(size)} {func}, shared buffers, 1 worker"
+                request, peer = benches[0].request(func), benches[0].peer(func)
+                runs.append((f"11-{func}", title, bench_shared.ONE_WORKER_TARGET, request, peer, size))
+            title = f"{human_size(split)} copy, shared buffers, 2 workers"
+            request, peer = benches[1].request("copy"), benches[1].peer("copy")
+            runs.append(("11-split", title, bench_shared.SPLIT_TARGET, request, peer, split))
+            series = [(Series(f"dmoverfs shared, {t.rsplit(', ', 1)[1]}"), Series(p.name)) for _, t, _, _, p, _ in runs]
             pairs = []
-            for _, n, request, peer, value in runs:
-                reference = Series(peer.name)
+            for (value, reference), (_, _, _, request, peer, n) in zip(series, runs):
                 pairs.append((value, functools.partial(bench_shared.timed, request, n, self.s.seconds)))
                 pairs.append((reference, functools.partial(bench_shared.timed, peer.run, n, self.s.seconds)))
             self.alternate(f"fig 11: shared buffers, {human_size(size)} and {human_size(split)}", pairs, "MB/s")
         finally:
             for bench in benches:
                 bench.close()
-        for i, (func, n, _, peer, value) in enumerate(runs):
-            reference = pairs[2 * i + 1][0]
-            if n == size:
-                key, title, target = f"11-{func}", f"{human_size(n)} {func}, shared buffers, 1 worker", bench_shared.ONE_WORKER_TARGET
-            else:
-                key, title, target = "11-split", f"{human_size(n)} copy, shared buffers, 2 workers", bench_shared.SPLIT_TARGET
+        for (value, reference), (key, title, target, _, peer, _) in zip(series, runs):
             note = f"one request at a time from a Python client; reference: {peer.name} in the client, same size"
             self.figures.append(Figure(key, 11, title, "MB/s", value, reference, target, note=note))
 
