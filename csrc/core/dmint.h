@@ -206,6 +206,21 @@ void dm_exec_run(struct dm_exec *x, const struct dm_req *r, struct dmio_usrresp 
 void dm_exec_run_batch(struct dm_exec *x, struct dm_req *const *r, size_t n,
     struct dmio_usrresp *resp);
 
+/* The raw CRC register for the CRC so far in an immediate (little-endian). */
+static inline uint32_t
+dm_crc_seed(const uint8_t imm[DM_IMM])
+{
+	return ~((uint32_t)imm[0] | (uint32_t)imm[1] << 8 | (uint32_t)imm[2] << 16 | (uint32_t)imm[3] << 24);
+}
+
+/* An immediate holding value, little-endian. */
+static inline void
+dm_put_le(uint8_t imm[DM_IMM], uint64_t value)
+{
+	for (int i = 0; i < DM_IMM; i++)
+		imm[i] = (uint8_t)(value >> (8 * i));
+}
+
 dm_run_fn dm_run_zero, dm_run_fill8, dm_run_copy, dm_run_xor, dm_run_crc32c;
 /* dmoverfs extensions, beyond NetBSD's functions. */
 dm_run_fn dm_run_fill64, dm_run_compare, dm_run_copy_crc32c;
@@ -461,12 +476,17 @@ struct dm_shusers *dm_shusers_new(void);
 void dm_shusers_free(struct dm_shusers *u);
 /* Drop every registration of s (the session closes). */
 void dm_shared_close(dm_sess *s);
+/* Free what dm_shared_close left (s is freed: nothing can reach it). */
+void dm_shared_free(dm_sess *s);
 /* Point the requests r[0..n) of writer x->peer whose operands all lie in
  * memory their writer registered with s at the server's mapping of it. */
 void dm_shared_attach(dm_sess *s, struct dm_exec *x, struct dm_req *const *r, size_t n);
-/* Run a request dm_shared_attach pointed at shared memory. */
-int dm_shared_run(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM]);
 /* Drop the registrations r holds. */
 void dm_shared_release(struct dm_req *r);
+
+/* --- shrun.c -------------------------------------------------------------- */
+
+/* Run a request dm_shared_attach pointed at shared memory. */
+int dm_shared_run(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM]);
 
 #endif /* DMINT_H */

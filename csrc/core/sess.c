@@ -50,7 +50,7 @@ void
 dm_sess_destroy(dm_sess *s)
 {
 	dm_core_detach(s->core, s);
-	dm_shared_close(s);
+	dm_shared_free(s);
 	if (s->opener != NULL)
 		dm_peer_unref(s->opener);
 	pthread_mutex_destroy(&s->mu);
