@@ -246,28 +246,14 @@ crc_chunk(struct dm_exec *x, int nin, size_t k, void *state)
 	return NULL;
 }
 
-/* The immediate is the CRC so far (little-endian); the raw register is its inverse. */
-static uint32_t
-crc_seed(const uint8_t imm[DM_IMM])
-{
-	return ~((uint32_t)imm[0] | (uint32_t)imm[1] << 8 | (uint32_t)imm[2] << 16 | (uint32_t)imm[3] << 24);
-}
-
-static void
-put_le(uint8_t imm[DM_IMM], uint64_t value)
-{
-	for (int i = 0; i < DM_IMM; i++)
-		imm[i] = (uint8_t)(value >> (8 * i));
-}
-
 int
 dm_run_crc32c(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
 {
-	uint32_t raw = crc_seed(imm);
+	uint32_t raw = dm_crc_seed(imm);
 	int err = stream(x, r, crc_chunk, &raw);
 
 	if (err == 0)
-		put_le(imm, (uint32_t)~raw);
+		dm_put_le(imm, (uint32_t)~raw);
 	return err;
 }
 
@@ -302,7 +288,7 @@ dm_run_compare(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
 
 			while (x->buf[0][i] == x->buf[1][i])
 				i++;
-			put_le(imm, done + i);	/* offset of the first difference */
+			dm_put_le(imm, done + i);	/* offset of the first difference */
 			return 0;
 		}
 		done += k;
@@ -321,10 +307,10 @@ copy_crc_chunk(struct dm_exec *x, int nin, size_t k, void *state)
 int
 dm_run_copy_crc32c(struct dm_exec *x, const struct dm_req *r, uint8_t imm[DM_IMM])
 {
-	uint32_t raw = crc_seed(imm);
+	uint32_t raw = dm_crc_seed(imm);
 	int err = stream(x, r, copy_crc_chunk, &raw);
 
 	if (err == 0)
-		put_le(imm, (uint32_t)~raw);
+		dm_put_le(imm, (uint32_t)~raw);
 	return err;
 }
