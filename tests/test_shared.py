@@ -344,34 +344,27 @@ def sharer(rescue, programs, mnt: Path, mode: str, size: int):  # noqa: ANN201 -
     return child
 
 
-@pytest.mark.parametrize("size", [PAGE, 8 << 20])
-def test_remapped_range_keeps_the_registered_pages(mnt, rescue, programs, size):
-    before = shared_runs(mnt)
-    child = sharer(rescue, programs, mnt, "remap", size)
-    # The server works on the pages registered, not on what the process put there since.
-    assert child.expect("self", STEP_S) == f"self result 0 mapping {OTHER} file {FILLED}"
-    assert child.reap(STEP_S)
-    assert shared_runs(mnt) - before == 1
+#: sharer.c's modes: the lines each must print after registering, and the requests run on shared memory.
+WHOSE = {
+    # The server works on the pages registered, not on what the process mapped there since.
+    "remap": ([f"self result 0 mapping {OTHER} file {FILLED}"], 1),
+    # A forked child's request acts on the child's own memory; the parent's still uses its registration.
+    "fork": ([f"child result 0 mapping {FILLED} file {OPENER}", f"parent result 0 mapping {FILLED} file {FILLED}"], 1),
+    # An exec'd image's request acts on the new image's memory: the old registration is gone with its space.
+    "exec": ([f"image result 0 mapping {FILLED} file {OPENER}"], 0),
+}
 
 
 @pytest.mark.parametrize("size", [PAGE, 8 << 20])
-def test_forked_child_does_not_use_the_parents_registration(mnt, rescue, programs, size):
+@pytest.mark.parametrize("mode", list(WHOSE))
+def test_whose_memory_a_registration_serves(mnt, rescue, programs, mode, size):
+    lines, runs = WHOSE[mode]
     before = shared_runs(mnt)
-    child = sharer(rescue, programs, mnt, "fork", size)
-    # The child's request acts on the child's memory; the registered pages stay as they were.
-    assert child.expect("child", STEP_S) == f"child result 0 mapping {FILLED} file {OPENER}"
-    assert child.expect("parent", STEP_S) == f"parent result 0 mapping {FILLED} file {FILLED}"
+    child = sharer(rescue, programs, mnt, mode, size)
+    for line in lines:
+        assert child.expect(line.split()[0], STEP_S) == line
     assert child.reap(STEP_S)
-    assert shared_runs(mnt) - before == 1  # the parent's request only
-
-
-@pytest.mark.parametrize("size", [PAGE, 8 << 20])
-def test_execd_image_does_not_use_the_old_registration(mnt, rescue, programs, size):
-    before = shared_runs(mnt)
-    child = sharer(rescue, programs, mnt, "exec", size)
-    assert child.expect("image", STEP_S) == f"image result 0 mapping {FILLED} file {OPENER}"
-    assert child.reap(STEP_S)
-    assert shared_runs(mnt) == before
+    assert shared_runs(mnt) - before == runs
 
 
 # -- unregistering, truncating, another process's descriptor --------------------------------
