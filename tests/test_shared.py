@@ -30,6 +30,7 @@ PAGE = mmap.PAGESIZE
 #: Limits of the core (csrc/core/shared.c).
 SESS_REGS = 64
 SESS_BYTES = 16 << 30
+USER_REGS = 512
 USER_BYTES = 64 << 30
 #: RFC 3720, B.4: 32 bytes of zeros, of 0xff, ascending, descending.
 RFC3720 = [
@@ -317,6 +318,23 @@ def test_user_byte_limit(mnt):
         for s in sessions:
             s.close()
         close_all(*bufs)
+
+
+def test_user_count_limit(mnt):
+    sessions = [client.Session(mnt, "copy") for _ in range(USER_REGS // SESS_REGS + 1)]
+    bufs = []
+    try:
+        for s in sessions[:-1]:
+            bufs += [s.shared_buffer(PAGE) for _ in range(SESS_REGS)]
+        with pytest.raises(OSError) as info:
+            sessions[-1].shared_buffer(PAGE)
+        assert info.value.errno == errno.ENOSPC
+        bufs.pop().close()  # one given back: room for one
+        bufs.append(sessions[-1].shared_buffer(PAGE))
+    finally:
+        close_all(*bufs)
+        for s in sessions:
+            s.close()
 
 
 # -- whose memory: remapping, a forked child, an exec'd image -------------------------------
