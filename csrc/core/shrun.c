@@ -221,24 +221,24 @@ run_part(void *arg, size_t p, struct dm_exec *x)
 	j->err[p] = dm_fault_guard(run_range, &pr);
 }
 
+/* The operation of each built-in function's runner. */
+static const struct {
+	dm_run_fn *run;
+	enum op op;
+} ops[] = {
+	{ dm_run_zero, OP_ZERO }, { dm_run_fill8, OP_FILL }, { dm_run_fill64, OP_FILL64 },
+	{ dm_run_copy, OP_COPY }, { dm_run_xor, OP_XOR }, { dm_run_crc32c, OP_CRC },
+	{ dm_run_compare, OP_COMPARE }, { dm_run_copy_crc32c, OP_COPY_CRC },
+};
+
 static enum op
 op_of(const struct dm_func *fn)
 {
-	if (fn->run == dm_run_zero)
-		return OP_ZERO;
-	if (fn->run == dm_run_fill8)
-		return OP_FILL;
-	if (fn->run == dm_run_fill64)
-		return OP_FILL64;
-	if (fn->run == dm_run_copy)
-		return OP_COPY;
-	if (fn->run == dm_run_xor)
-		return OP_XOR;
-	if (fn->run == dm_run_crc32c)
-		return OP_CRC;
-	if (fn->run == dm_run_compare)
-		return OP_COMPARE;
-	return OP_COPY_CRC;
+	size_t i = 0;
+
+	while (i + 1 < sizeof(ops) / sizeof(ops[0]) && ops[i].run != fn->run)
+		i++;
+	return ops[i].op;	/* every runner is listed: copy-crc32c is the last */
 }
 
 /* a * b in GF(2)[x] mod the CRC polynomial, bit-reflected (bit 31 is x^0). */
