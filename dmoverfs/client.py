@@ -29,11 +29,22 @@ How the session is built (see the README, "From Python", for the reasons):
   file of a session: do not set it on a session the client owns.
 - Requests address the memory of the process that opened the session, so a
   session cannot be used after ``fork()`` in the child (RuntimeError).
+
+Shared buffers (a dmoverfs extension): :meth:`Session.shared_buffer` gives
+memory the server maps too. Requests whose buffers all lie in shared buffers
+of their session run on that memory directly, without a copy or a system call
+per transfer::
+
+    with client.Session(None, "copy") as s:
+        src, dst = s.shared_buffer(1 << 24), s.shared_buffer(1 << 24)
+        s.submit(dst, inputs=[src])
+        s.results()[0].check()
 """
 
 from __future__ import annotations
 
 import errno
+import mmap
 import operator
 import os
 import select
@@ -48,7 +59,7 @@ from typing import Any, NamedTuple, TypeAlias
 import cffi
 
 from dmoverfs.paths import default_mountpoint
-from dmoverfs.wire import BUFFER, IOVEC, REQ_SIZE, RESP_SIZE, USRREQ, USRRESP, XATTR_FUNCTION
+from dmoverfs.wire import BUFFER, IOVEC, REQ_SIZE, RESP_SIZE, USRREQ, USRRESP, XATTR_FUNCTION, XATTR_REGISTER, XATTR_UNREGISTER
 
 if sys.version_info >= (3, 12):
     from collections.abc import Buffer
@@ -302,6 +313,55 @@ def _async_library() -> str:
         return "asyncio"
 
 
+class SharedBuffer(mmap.mmap):
+    """Memory shared with a session's server: a memfd this process maps ``MAP_SHARED``.
+
+    Made by :meth:`Session.shared_buffer`. The server maps the same pages
+    (``user.dmover.register``); it works on them until :meth:`close`, or
+    until the session closes. Requests written by other processes (a forked
+    child) are not run on it: they go the ordinary way, on their own memory.
+    """
+
+    address: int
+    session: Session | None
+
+    def __new__(cls, session: Session, nbytes: int) -> SharedBuffer:
+        nbytes = operator.index(nbytes)
+        if nbytes <= 0:
+            raise ValueError(f"a shared buffer needs at least one byte, not {nbytes}")
+        fd = os.memfd_create("dmoverfs-shared", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, nbytes)
+            self = super().__new__(cls, fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            view = _from_buffer(self)
+            self.address = _addr(view)
+            _ffi.release(view)
+            self.session = None
+            try:
+                os.setxattr(session.fileno(), XATTR_REGISTER, f"{fd} 0 {self.address} {nbytes}".encode())
+            except BaseException:
+                mmap.mmap.close(self)
+                raise
+            self.session = session
+        finally:
+            os.close(fd)  # the mapping and the server hold the file
+        return self
+
+    def close(self) -> None:
+        """Drop the registration (requests in flight keep the pages), then unmap."""
+        session, self.session = self.session, None
+        if session is not None and not session.closed and os.getpid() == session._pid:
+            try:
+                os.setxattr(session.fileno(), XATTR_UNREGISTER, f"{self.address} {len(self)}".encode())
+            except OSError:
+                pass  # the session is closing: its registrations go with it
+        super().close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self)} bytes at {self.address:#x}"
+        return f"<dmoverfs.client.SharedBuffer {state}>"
+
+
 class Session:
     """One dmoverio session with *function* selected, on the mount at *mountpoint*.
 
@@ -453,6 +513,20 @@ class Session:
             raise ValueError("I/O operation on a closed dmoverfs session")
         if os.getpid() != self._pid:
             raise RuntimeError("a dmoverfs session addresses the memory of the process that opened it; open a new one")
+
+    # -- shared memory --------------------------------------------------------------------
+
+    def shared_buffer(self, nbytes: int) -> SharedBuffer:
+        """*nbytes* of zeroed memory shared with the server, registered with this session.
+
+        A :class:`SharedBuffer` (an :class:`mmap.mmap` of a memfd: the buffer
+        protocol, slicing, ``numpy.frombuffer``). Requests whose every buffer
+        lies in this session's shared buffers run on them directly. Closing
+        the buffer, or the session, drops the registration.
+        OSError(ENOSPC) past the mount's limits.
+        """
+        self._check_open()
+        return SharedBuffer(self, nbytes)
 
     # -- submitting ---------------------------------------------------------------------
 

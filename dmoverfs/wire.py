@@ -29,3 +29,8 @@ XATTR_FUNCTION = "user.dmover.function"
 XATTR_NONBLOCK = "user.dmover.nonblock"
 #: Read-only: the server's pid, in decimal. Identifies a dmoverfs session (the preload shim uses it).
 XATTR_SERVER = "user.dmover.server"
+#: Write-only (a dmoverfs extension): "FD OFFSET ADDR LEN" registers ADDR..ADDR+LEN of the
+#: setting process, mapped MAP_SHARED from its descriptor FD at file OFFSET, as shared memory.
+XATTR_REGISTER = "user.dmover.register"
+#: Write-only: "ADDR LEN" drops the setting process's registration of exactly that range.
+XATTR_UNREGISTER = "user.dmover.unregister"

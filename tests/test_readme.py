@@ -18,13 +18,14 @@ def blocks(language: str) -> list[str]:
 
 
 def test_python_examples_are_there():
-    # "From Python": the client's example, then the same request by hand.
-    client, raw = blocks("python")
+    # "From Python": the client's example, then the same request by hand; then shared buffers.
+    client, raw, shared = blocks("python")
     assert "from dmoverfs import client" in client
     assert "struct.pack" in raw
+    assert "shared_buffer" in shared
 
 
-@pytest.mark.parametrize("index", range(2), ids=["client", "raw"])
+@pytest.mark.parametrize("index", range(3), ids=["client", "raw", "shared"])
 def test_python_example_runs(mnt, index):
     code = blocks("python")[index]
     result = subprocess.run(

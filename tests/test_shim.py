@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import json
 import os
 import shlex
 import shutil
@@ -49,7 +50,7 @@ FUNCTIONS = ["zero", "fill8", "copy", *(f"xor{n}" for n in range(2, 17)), "iscsi
 EXPORTED = {
     "ioctl", "fcntl", "fcntl64", "write", "close", "dup", "dup2", "dup3", "fclose", "close_range", "closefrom",
     "open", "open64", "openat", "openat64", "__open_2", "__open64_2", "__openat_2", "__openat64_2",
-    "dmoverio_shim_device_path",
+    "dmoverio_shim_device_path", "dmoverfs_shared_alloc", "dmoverfs_shared_free",
 }  # fmt: skip
 PR_CAPBSET_DROP = 24
 CAP_SYS_PTRACE = 19
@@ -849,3 +850,21 @@ def test_dev_link_needs_root(tmp_path, monkeypatch):
         cli.main(["mount", "--dev-link", str(tmp_path / "m")])
     assert str(exc.value).startswith("dmoverfs: --dev-link needs root: it creates /dev/dmoverio")
     assert not (tmp_path / "m").exists() and not os.path.lexists(DEV)
+
+
+# -- shared buffers through the shim's allocation API -------------------------------------------
+
+
+def test_shared_buffers_through_the_shim(mnt, shim, tmp_path):
+    """dmoverfs_shared_alloc / _free: a copy between shared buffers, the session's limit, the releases."""
+    # Linked against the shim (after the program, which needs it), and preloaded as usual.
+    program = compile_c([PROGRAMS / "shared_alloc.c", shim], tmp_path / "shared_alloc", [*CFLAGS, f"-Wl,-rpath,{shim.parent}"])
+    before = json.loads((mnt / "stats").read_bytes())["backends"]["builtin"]["shared_runs"]
+    lines = ok_lines(run([program], preload=shim, env=device(mnt)))
+    assert lines == [
+        "copy error 0, 0 bytes differ",
+        "allocated 62 more, then ENOSPC",  # 64 registrations per session, two of them the copy's
+        "free 0 0",
+        "free again -1 ENOENT",  # unregistered already (and unmapping nothing is no error)
+    ]
+    assert json.loads((mnt / "stats").read_bytes())["backends"]["builtin"]["shared_runs"] == before + 1

@@ -53,16 +53,25 @@ worker_main(void *arg)
 		struct dm_item it;
 		struct dmio_usrresp resp;
 		int64_t t0;
-		bool unfinished;
+		bool unfinished, help;
 
 		pthread_mutex_lock(&c->qmu);
-		while (!atomic_load(&c->stopping) && !dm_sched_pick(c, &it))
+		for (;;) {
+			if (atomic_load(&c->stopping)) {
+				pthread_mutex_unlock(&c->qmu);
+				return NULL;
+			}
+			/* Parts of a slice of a shared-memory request another worker
+			 * runs: a slice's worth, so they come before the next turn. */
+			if ((help = dm_parts_pending(c->parts)) || dm_sched_pick(c, &it))
+				break;
 			pthread_cond_wait(&c->qcv, &c->qmu);
-		if (atomic_load(&c->stopping)) {
-			pthread_mutex_unlock(&c->qmu);
-			return NULL;
 		}
 		pthread_mutex_unlock(&c->qmu);
+		if (help) {
+			dm_parts_help(c->parts, w->x);
+			continue;
+		}
 
 		t0 = dm_clock_ns(CLOCK_MONOTONIC);
 		unfinished = run_item(c, w->x, &it, &resp);
@@ -76,6 +85,17 @@ worker_main(void *arg)
 		else if (!unfinished)
 			complete_queued(c, it.r, &resp);
 	}
+}
+
+/* Parts of a large request were posted: wake the idle workers. */
+static void
+wake_workers(void *arg)
+{
+	dm_core *c = arg;
+
+	pthread_mutex_lock(&c->qmu);
+	pthread_cond_broadcast(&c->qcv);
+	pthread_mutex_unlock(&c->qmu);
 }
 
 /* Start one more worker (call with qmu held, or before any runs). */
@@ -251,7 +271,8 @@ dm_core_new(const struct dm_config *cfg, int *err)
 		e = errno;
 		goto fail;
 	}
-	if ((c->inl = dm_exec_new(c, c->cfg.chunk_bytes)) == NULL) {
+	if ((c->inl = dm_exec_new(c, c->cfg.chunk_bytes)) == NULL ||
+	    (c->parts = dm_parts_new(wake_workers, c)) == NULL || (c->shusers = dm_shusers_new()) == NULL) {
 		e = ENOMEM;
 		goto fail;
 	}
@@ -298,6 +319,8 @@ dm_core_free(dm_core *c)
 			dm_exec_free(c->workers[i].x);
 	free(c->workers);
 	dm_exec_free(c->inl);
+	dm_parts_free(c->parts);
+	dm_shusers_free(c->shusers);	/* after the sessions: their registrations count here */
 	if (c->efd >= 0)
 		close(c->efd);
 	if (c->zeros != NULL)
@@ -548,6 +571,7 @@ dm_core_stats(dm_core *c, struct dm_core_stats *out, struct dm_func_stats *per_f
 		out->run_bytes = atomic_load(&c->run_bytes);
 		out->busy_ns = atomic_load(&c->busy_ns);
 		out->external = atomic_load(&c->external);
+		out->shared_runs = atomic_load(&c->shared_runs);
 	}
 	for (int i = 0; per_func != NULL && i < nfunc && i < DM_NFUNCS; i++) {
 		per_func[i].submitted = atomic_load(&c->fstats[i].submitted);

@@ -231,6 +231,7 @@ prepare(struct dm_exec *x, dm_sess *s, const struct dm_func *fn, int func, const
 	}
 
 	r->next = r->xprev = r->xnext = NULL;
+	r->shared = NULL;
 	r->sess = s;
 	r->peer = x->peer;
 	dm_peer_ref(r->peer);
@@ -359,6 +360,7 @@ dm_decode(struct dm_exec *x, dm_sess *s, const struct dm_func *fn, int func,
 void
 dm_req_free(dm_core *c, struct dm_req *r)
 {
+	dm_shared_release(r);
 	dm_peer_unref(r->peer);
 	dm_core_meta_release(c, r->sess->user, r->size);
 	free(r);

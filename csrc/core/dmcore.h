@@ -91,6 +91,7 @@ struct dm_core_stats {
 	uint64_t run_bytes;		/* bytes of the requests run, cumulative */
 	uint64_t busy_ns;		/* time spent running them (summed over threads) */
 	uint64_t external;		/* external requests not yet completed */
+	uint64_t shared_runs;		/* requests run directly on registered shared memory */
 };
 
 /* A request of an external session (see dm_sess_set_external). */
@@ -176,6 +177,28 @@ void dm_sess_times(dm_sess *s, int64_t *times);
 int dm_sess_take_eperm(dm_sess *s);
 /* Calls waiting now: [0] reads, [1] writes, [2] poll handles. */
 void dm_sess_waiting(dm_sess *s, unsigned *counts);
+
+/*
+ * Shared memory (a dmoverfs extension): thread tid (inside its setxattr,
+ * with the rights uid / gid) registers [addr, addr + len) of its address
+ * space, which it maps MAP_SHARED, writable, from its descriptor fd (a
+ * memfd, a /dev/shm or hugetlbfs file) at file offset off.  Requests that
+ * thread's process writes to s whose operands all lie in its registrations
+ * then run on the server's own mapping of those pages.  0, or EINVAL (bad
+ * numbers, not page-aligned, not a shared-memory file, beyond its end, or
+ * mapped there from another offset), EBADF (fd not open in the process),
+ * EFAULT (the range is not wholly mapped from that file), EACCES (mapped
+ * private or read-only, or the file not open for writing), EPERM (no
+ * ptrace access), EEXIST (overlaps a registration of the process),
+ * ENOSPC (the session's or the user's limit), ENOMEM.
+ */
+int dm_sess_register(dm_sess *s, int tid, uint32_t uid, uint32_t gid, int fd, uint64_t off,
+    uint64_t addr, uint64_t len);
+/* Drop the registration of tid's process at exactly [addr, addr + len):
+ * 0, or ENOENT.  Requests in flight keep its pages mapped until they end. */
+int dm_sess_unregister(dm_sess *s, int tid, uint64_t addr, uint64_t len);
+/* Registrations of s: [0] count, [1] bytes. */
+void dm_sess_shared(dm_sess *s, uint64_t *out);
 
 /* Shutting down: answer every waiting call with ENXIO and wake every
  * poller; from now on calls fail with ENXIO and polls report every event. */

@@ -42,6 +42,10 @@ _Static_assert(DM_XFER_MAX <= DM_RW_MAX, "a pattern write fits one syscall");
 
 struct dm_exec;
 struct dm_req;
+struct dm_parts;
+struct dm_shset;
+struct dm_shuse;
+struct dm_shusers;
 
 /* Nanoseconds on clock id. */
 static inline int64_t
@@ -153,6 +157,15 @@ int dm_readv(struct dm_exec *x, struct dm_peer *p, size_t nloc, size_t nrem,
 /* The same with process_vm_writev. */
 int dm_writev(struct dm_exec *x, struct dm_peer *p, size_t nloc, size_t nrem,
     size_t bytes, size_t *got);
+/* Take / give back the writer's rights in this thread (see dm_peer_rights):
+ * 0, or EPERM when they cannot be taken. */
+int dm_peer_become(const struct dm_peer *p);
+void dm_peer_unbecome(const struct dm_peer *p);
+/* May requests of p still touch its address space?  0, or the errno they
+ * fail with (ECANCELED: closed or stopping; EFAULT: the space is gone). */
+int dm_peer_live(struct dm_exec *x, struct dm_peer *p);
+/* Is the address space held by a /proc/PID/mem descriptor gone (exit, exec)? */
+bool dm_mem_gone(int memfd);
 /* Move the cursor n bytes on (to the end at most). */
 void dm_rcur_skip(struct dm_rcur *c, uint64_t n);
 /* Read len bytes from each of the n client lists under cur into dst[i]. */
@@ -203,6 +216,21 @@ bool dm_exec_slice(struct dm_exec *x, struct dm_req *r, uint64_t max, struct dmi
 void dm_exec_run_batch(struct dm_exec *x, struct dm_req *const *r, size_t n,
     struct dmio_usrresp *resp);
 
+/* The raw CRC register for the CRC so far in an immediate (little-endian). */
+static inline uint32_t
+dm_crc_seed(const uint8_t imm[DM_IMM])
+{
+	return ~((uint32_t)imm[0] | (uint32_t)imm[1] << 8 | (uint32_t)imm[2] << 16 | (uint32_t)imm[3] << 24);
+}
+
+/* An immediate holding value, little-endian. */
+static inline void
+dm_put_le(uint8_t imm[DM_IMM], uint64_t value)
+{
+	for (int i = 0; i < DM_IMM; i++)
+		imm[i] = (uint8_t)(value >> (8 * i));
+}
+
 dm_run_fn dm_run_zero, dm_run_fill8, dm_run_copy, dm_run_xor, dm_run_crc32c;
 /* dmoverfs extensions, beyond NetBSD's functions. */
 dm_run_fn dm_run_fill64, dm_run_compare, dm_run_copy_crc32c;
@@ -229,6 +257,7 @@ struct dm_req {
 	uint64_t total;			/* bytes of the output, and of each input */
 	uint64_t moved;			/* bytes read plus bytes written */
 	uint64_t done;			/* bytes of total run so far (a worker's slices) */
+	struct dm_shuse *shared;	/* non-NULL: every operand lies in shared memory (shared.c) */
 	struct dm_list out;		/* cnt 0: no output */
 	struct dm_list in[];		/* fn->ninputs */
 };
@@ -263,6 +292,7 @@ struct dm_sess {
 	int func;			/* -1 until set */
 	bool external;			/* requests go to dm_core_take_external */
 	struct dm_func shape;		/* an external function the table lacks (func -1) */
+	struct dm_shset *shared;	/* registered shared memory, or NULL (shared.c) */
 	unsigned depth;
 	unsigned outstanding;		/* accepted, not yet taken */
 	unsigned ready;			/* responses in the ring */
@@ -446,6 +476,9 @@ struct dm_core {
 	atomic_uint_fast64_t inline_runs, worker_runs, refused_limits, refused_user_limits;
 	atomic_uint_fast64_t executing_bytes, run_bytes, busy_ns, external;
 	struct dm_fstats fstats[DM_NFUNCS];
+	struct dm_parts *parts;		/* parts of large requests, for idle workers (parts.c) */
+	struct dm_shusers *shusers;	/* shared memory registered per user (shared.c) */
+	atomic_uint_fast64_t shared_runs;
 };
 
 /* Link s into the core's list of sessions as a session of user uid:
@@ -479,5 +512,54 @@ void dm_core_count(dm_core *c, const struct dm_req *r, int err);
 void dm_core_park(dm_core *c, struct dm_req *r);
 /* Forget an external request (it is being run or completed). */
 void dm_core_unpark(dm_core *c, struct dm_req *r);
+
+/* --- parts.c -------------------------------------------------------------- */
+
+/*
+ * Large requests split into parts that idle workers help with.  The thread
+ * that posts a job runs parts itself until none is left untaken, then waits
+ * for the ones other threads took: a job never waits for a free worker.
+ */
+typedef void dm_part_fn(void *job, size_t part, struct dm_exec *x);
+
+/* A board; wake(arg) is called after a post, to wake the idle workers. */
+struct dm_parts *dm_parts_new(void (*wake)(void *), void *arg);
+void dm_parts_free(struct dm_parts *b);
+/* Run fn(job, 0..n-1, x of whichever thread) and return when all are done. */
+void dm_parts_run(struct dm_parts *b, dm_part_fn *fn, void *job, size_t n, struct dm_exec *x);
+/* Are parts waiting to be taken?  (A worker checks it before sleeping.) */
+bool dm_parts_pending(struct dm_parts *b);
+/* Run waiting parts with x until none is left. */
+void dm_parts_help(struct dm_parts *b, struct dm_exec *x);
+
+/* --- fault.c -------------------------------------------------------------- */
+
+/* Run fn(arg) in this thread; a SIGBUS inside it (a shared file truncated
+ * under the server, hugetlbfs out of pages) ends it with EFAULT instead of
+ * the server.  Returns fn's result or EFAULT. */
+int dm_fault_guard(int (*fn)(void *), void *arg);
+
+/* --- shared.c ------------------------------------------------------------- */
+
+/* Per-user accounting of registrations; NULL when out of memory. */
+struct dm_shusers *dm_shusers_new(void);
+void dm_shusers_free(struct dm_shusers *u);
+/* Drop every registration of s (the session closes). */
+void dm_shared_close(dm_sess *s);
+/* Free what dm_shared_close left (s is freed: nothing can reach it). */
+void dm_shared_free(dm_sess *s);
+/* Point the requests r[0..n) of writer x->peer whose operands all lie in
+ * memory their writer registered with s at the server's mapping of it. */
+void dm_shared_attach(dm_sess *s, struct dm_exec *x, struct dm_req *const *r, size_t n);
+/* Drop the registrations r holds. */
+void dm_shared_release(struct dm_req *r);
+
+/* --- shrun.c -------------------------------------------------------------- */
+
+/* Run bytes [from, from + len) of a request dm_shared_attach pointed at
+ * shared memory, as a dm_run_fn does. */
+dm_run_fn dm_shared_run;
+/* A shared-memory request's slices are this many times slice_bytes. */
+#define DM_SHARED_SLICES	4
 
 #endif /* DMINT_H */

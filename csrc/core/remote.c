@@ -148,6 +148,18 @@ become_server(const struct dm_peer *p)
 	(void)syscall(SYS_setresgid, 0, 0, 0);
 }
 
+int
+dm_peer_become(const struct dm_peer *p)
+{
+	return become_writer(p);
+}
+
+void
+dm_peer_unbecome(const struct dm_peer *p)
+{
+	become_server(p);
+}
+
 void
 dm_peer_ref(struct dm_peer *p)
 {
@@ -206,6 +218,14 @@ space_gone(const struct dm_peer *p, uintptr_t addr)
 	unsigned char b;
 
 	return pread(p->memfd, &b, 1, (off_t)addr) == 0;
+}
+
+bool
+dm_mem_gone(int memfd)
+{
+	unsigned char b;
+
+	return pread(memfd, &b, 1, 0) == 0;	/* address 0: EIO while the space is there */
 }
 
 /* Move bytes between x->loc and x->rem through the held descriptor: exact,
@@ -280,7 +300,7 @@ pid_exited(struct dm_exec *x, struct dm_peer *p)
  * (*held false) or through its held descriptor (*held true); else the
  * errno to report. */
 static int
-peer_ready(struct dm_exec *x, struct dm_peer *p, size_t bytes, bool *held)
+peer_ready_at(struct dm_exec *x, struct dm_peer *p, uintptr_t addr, size_t bytes, bool *held)
 {
 	*held = false;
 	if (atomic_load_explicit(p->cancel, memory_order_relaxed) ||
@@ -299,7 +319,7 @@ peer_ready(struct dm_exec *x, struct dm_peer *p, size_t bytes, bool *held)
 		x->budget -= bytes < x->budget ? bytes : x->budget;
 		return 0;
 	}
-	if (space_gone(p, (uintptr_t)x->rem[0].iov_base)) {
+	if (space_gone(p, addr)) {
 		atomic_store(&p->gone, true);	/* exited or exec'd: nothing of it is left */
 		return EFAULT;
 	}
@@ -307,6 +327,20 @@ peer_ready(struct dm_exec *x, struct dm_peer *p, size_t bytes, bool *held)
 	*held = p->pidfd < 0 || pid_exited(x, p);
 	x->budget -= bytes < x->budget ? bytes : x->budget;
 	return 0;
+}
+
+static int
+peer_ready(struct dm_exec *x, struct dm_peer *p, size_t bytes, bool *held)
+{
+	return peer_ready_at(x, p, (uintptr_t)x->rem[0].iov_base, bytes, held);
+}
+
+int
+dm_peer_live(struct dm_exec *x, struct dm_peer *p)
+{
+	bool held;
+
+	return peer_ready_at(x, p, 0, 0, &held);
 }
 
 /* One syscall between x->loc[0..nloc) and x->rem[0..nrem), bytes long;

@@ -70,6 +70,7 @@ void
 dm_sess_destroy(dm_sess *s)
 {
 	dm_core_detach(s->core, s);
+	dm_shared_free(s);
 	if (s->opener != NULL)
 		dm_peer_unref(s->opener);
 	pthread_mutex_destroy(&s->mu);
@@ -105,6 +106,7 @@ dm_sess_close(dm_sess *s)
 	bool last;
 
 	dm_io_close(s);
+	dm_shared_close(s);	/* requests still running hold what they use */
 	pthread_mutex_lock(&s->mu);
 	s->dead = true;
 	atomic_store(&s->cancel, true);
@@ -366,6 +368,8 @@ submit(dm_sess *s, struct dm_exec *x, struct dm_peer *peer, const void *reqs, si
 			}
 		}
 		k = i;	/* the reserved ones */
+		if (!external)
+			dm_shared_attach(s, x, x->win, k);
 		for (i = 0; i < k;) {
 			size_t b = external ? 0 : inline_length(c, x->win + i, k - i);
 

@@ -71,6 +71,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -648,6 +649,55 @@ default_mountpoint(char *buf, size_t size)
 		return -1;
 	}
 	return 0;
+}
+
+/* --- shared buffers (a dmoverfs extension, see dmover_io.h) ----------------- */
+
+SHIM_EXPORT void *
+dmoverfs_shared_alloc(int fd, size_t len)
+{
+	char value[96];
+	void *buf = MAP_FAILED;
+	int mfd, err = 0;
+
+	if (len == 0 || len > (size_t)INT64_MAX) {
+		errno = EINVAL;
+		return NULL;
+	}
+	if ((mfd = (int)syscall(SYS_memfd_create, "dmoverfs-shared", 1u /* MFD_CLOEXEC */)) < 0)
+		return NULL;
+	if (ftruncate(mfd, (off_t)len) != 0 ||
+	    (buf = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0)) == MAP_FAILED)
+		err = errno;
+	else {
+		snprintf(value, sizeof(value), "%d 0 %ju %zu", mfd, (uintmax_t)(uintptr_t)buf, len);
+		if (fsetxattr(fd, DMOVERFS_XATTR_REGISTER, value, strlen(value), 0) != 0) {
+			err = errno;
+			munmap(buf, len);
+		}
+	}
+	close(mfd);	/* the mapping and the server hold the file */
+	if (err != 0) {
+		errno = err;
+		return NULL;
+	}
+	return buf;
+}
+
+SHIM_EXPORT int
+dmoverfs_shared_free(int fd, void *buf, size_t len)
+{
+	char value[64];
+	int r, err;
+
+	snprintf(value, sizeof(value), "%ju %zu", (uintmax_t)(uintptr_t)buf, len);
+	r = fsetxattr(fd, DMOVERFS_XATTR_UNREGISTER, value, strlen(value), 0);
+	err = errno;
+	/* Requests in flight keep the server's mapping: unmapping here is safe. */
+	if (munmap(buf, len) != 0 && r == 0)
+		return -1;
+	errno = err;
+	return r;
 }
 
 /*

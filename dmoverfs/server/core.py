@@ -297,6 +297,26 @@ class CoreSession:
         lib.dm_sess_waiting(self._ptr, c)
         return c[0], c[1], c[2]
 
+    def register(self, tid: int, uid: int, gid: int, fd: int, offset: int, addr: int, length: int) -> None:
+        """Register shared memory of thread *tid*'s process (see dm_sess_register); OSError on refusal."""
+        if fd > 0x7FFFFFFF:
+            raise OSError(errno.EBADF, "no such descriptor")
+        err = lib.dm_sess_register(self._ptr, tid, uid, gid, fd, offset, addr, length)
+        if err:
+            raise OSError(err, os.strerror(err))
+
+    def unregister(self, tid: int, addr: int, length: int) -> None:
+        """Drop a registration of thread *tid*'s process; OSError(ENOENT) when it has none there."""
+        err = lib.dm_sess_unregister(self._ptr, tid, addr, length)
+        if err:
+            raise OSError(err, os.strerror(err))
+
+    def shared(self) -> tuple[int, int]:
+        """Registrations of the session: (count, bytes)."""
+        out = ffi.new("uint64_t[2]")
+        lib.dm_sess_shared(self._ptr, out)
+        return out[0], out[1]
+
     def close(self) -> None:
         """Drop the server's reference; in-flight requests finish harmlessly."""
         if self._ptr is not None:

@@ -32,7 +32,7 @@ import pyfuse3
 
 from dmoverfs.server.core import Function
 from dmoverfs.server.session import Session
-from dmoverfs.wire import XATTR_FUNCTION, XATTR_NONBLOCK, XATTR_SERVER
+from dmoverfs.wire import XATTR_FUNCTION, XATTR_NONBLOCK, XATTR_REGISTER, XATTR_SERVER, XATTR_UNREGISTER
 
 if TYPE_CHECKING:
     from dmoverfs.server.device import Device
@@ -55,6 +55,21 @@ STATS_NAME = b"stats"
 _XATTR_FUNCTION = XATTR_FUNCTION.encode()
 _XATTR_NONBLOCK = XATTR_NONBLOCK.encode()
 _XATTR_SERVER = XATTR_SERVER.encode()
+_XATTR_REGISTER = XATTR_REGISTER.encode()
+_XATTR_UNREGISTER = XATTR_UNREGISTER.encode()
+
+
+def _numbers(value: bytes, count: int) -> list[int]:
+    """*count* non-negative integers (decimal, or 0x hex) separated by blanks: EINVAL otherwise."""
+    try:
+        fields = value.rstrip(b"\0\n").decode("ascii").split()
+        numbers = [int(f, 0) for f in fields]
+    except (UnicodeDecodeError, ValueError):
+        raise pyfuse3.FUSEError(errno.EINVAL) from None
+    if len(numbers) != count or any(not 0 <= n < 1 << 64 for n in numbers):
+        raise pyfuse3.FUSEError(errno.EINVAL)
+    return numbers
+
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -332,6 +347,12 @@ class DmoverOperations(pyfuse3.Operations):
             # An xattr call cannot tell which descriptor it came through: it is
             # the session's (a file's own O_NONBLOCK counts as well).
             session.core.nonblock = flag == b"1"
+        elif name == _XATTR_REGISTER:
+            fd, offset, addr, length = _numbers(value, 4)
+            session.core.register(ctx.pid, ctx.uid, ctx.gid, fd, offset, addr, length)
+        elif name == _XATTR_UNREGISTER:
+            addr, length = _numbers(value, 2)
+            session.core.unregister(ctx.pid, addr, length)
         elif name == _XATTR_SERVER:
             raise pyfuse3.FUSEError(errno.EPERM)
         else:
@@ -360,7 +381,8 @@ class DmoverOperations(pyfuse3.Operations):
         return names
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.EPERM if name in (_XATTR_FUNCTION, _XATTR_NONBLOCK, _XATTR_SERVER) else errno.ENODATA)
+        fixed = (_XATTR_FUNCTION, _XATTR_NONBLOCK, _XATTR_SERVER, _XATTR_REGISTER, _XATTR_UNREGISTER)
+        raise pyfuse3.FUSEError(errno.EPERM if name in fixed else errno.ENODATA)
 
     # -- nothing can be created here ---------------------------------------------------
 

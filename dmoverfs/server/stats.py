@@ -98,6 +98,7 @@ def _backends(device: Device, core: dict[str, int]) -> dict[str, Any]:
                 "workers": device.tunables.workers,
                 "inline_runs": core["inline_runs"],
                 "worker_runs": core["worker_runs"],
+                "shared_runs": core["shared_runs"],
                 "in_flight": core["executing"],
                 "functions": functions,
             }

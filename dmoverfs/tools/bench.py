@@ -3,7 +3,7 @@
 In one run, on this machine: build the floor server (``csrc/bench/floor.c``, a
 minimal libfuse low-level server of the ``zero`` function on the same wire
 format) and the measuring client (``csrc/bench/client.c``); mount the floor
-and dmoverfs on temporary mount points; measure every figure (1 to 10) as
+and dmoverfs on temporary mount points; measure every figure (1 to 11) as
 medians over alternating runs (A B A B ...); print a table of ratios against
 their targets; write ``bench.json`` (every run of every figure) and
 ``bench.png`` (a chart) into the output directory.
@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dmoverfs import __version__, mounting
+from dmoverfs.tools import bench_shared
 
 REPO = Path(__file__).resolve().parents[2]  # dmoverfs/tools/bench.py -> the checkout
 BENCH_SRC = REPO / "csrc" / "bench"
@@ -45,7 +46,7 @@ FLOOR_FSTYPE = "fuse.dmoverfs-floor"
 PYFLOOR_FSTYPE = "fuse.dmoverfs-pyfloor"
 CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra"]
 MiB = 1 << 20
-FIGURES = range(1, 11)  # the figure numbers
+FIGURES = range(1, 12)  # the figure numbers
 
 
 class BenchError(Exception):
@@ -389,11 +390,11 @@ def start_pyfloor(mount: Mount) -> None:
     )
 
 
-def start_dmoverfs(mount: Mount) -> None:
+def start_dmoverfs(mount: Mount, args: tuple[str, ...] = ()) -> None:
     mount.mountpoint.mkdir(parents=True, exist_ok=True)
     try:
         with INTERRUPTS.critical():  # a server started must be known to the cleanup
-            mount.proc = mounting.spawn_server(mount.mountpoint, [], mount.log)
+            mount.proc = mounting.spawn_server(mount.mountpoint, list(args), mount.log)
     except mounting.MountError as exc:
         raise BenchError(f"dmoverfs did not start: {exc}") from None
 
@@ -561,6 +562,7 @@ class Bench:
         r = self.s.rounds
         runs = {1: 3 * r, 2: 3 * r, 3: 2 * r, 4: 2 * r, 5: 3 * r, 6: 4 * r, 7: 4 * r, 8: 5 * r, 9: 6}
         runs[10] = len(self.s.copy_sizes) * r  # one client run gives both series
+        runs[11] = 2 * (len(bench_shared.FUNCTIONS) + 1) * r
         return [(g, runs[g]) for g in sorted(self.s.only)]
 
     def run(self) -> list[Figure]:
@@ -699,6 +701,8 @@ class Bench:
             )
         if 8 in only:
             self.python_peers()
+        if 11 in only:
+            self.shared_buffers()
         if 10 in only:  # before 9, whose "idle after the figures above" covers it
             self.copy_requests()
         if 9 in only:
@@ -735,6 +739,46 @@ class Bench:
                     op_bytes=size,
                 )
             )
+
+    # -- figure 11: requests on shared buffers, against the client's own kernels
+
+    def shared_mount(self, workers: int) -> Mount:
+        """A dmoverfs mount with *workers* worker threads, stopped by the cleanup."""
+        assert self.workdir is not None
+        name = f"dmoverfs-{workers}w"
+        mount = Mount(name, self.workdir / f"{name}-mnt", mounting.FSTYPE, self.workdir / f"{name}.log")
+        self.mounts.append(mount)
+        start_dmoverfs(mount, ("--workers", str(workers)))
+        return mount
+
+    def shared_buffers(self) -> None:
+        """Each function between shared buffers with one worker, and a copy split across two,
+        against the same work in this process (bench_shared says with what)."""
+        one, two = self.shared_mount(1), self.shared_mount(2)
+        size = self.s.size
+        split = size * bench_shared.SPLIT_FACTOR
+        benches = [bench_shared.SharedBench(str(one.mountpoint), size), bench_shared.SharedBench(str(two.mountpoint), split)]
+        try:
+            runs = []  # (key, title, target, request, peer, bytes per run) of each figure
+            for func in bench_shared.FUNCTIONS:
+                title = f"{human_size(size)} {func}, shared buffers, 1 worker"
+                request, peer = benches[0].request(func), benches[0].peer(func)
+                runs.append((f"11-{func}", title, bench_shared.ONE_WORKER_TARGET, request, peer, size))
+            title = f"{human_size(split)} copy, shared buffers, 2 workers"
+            request, peer = benches[1].request("copy"), benches[1].peer("copy")
+            runs.append(("11-split", title, bench_shared.SPLIT_TARGET, request, peer, split))
+            series = [(Series(f"dmoverfs shared, {t.rsplit(', ', 1)[1]}"), Series(p.name)) for _, t, _, _, p, _ in runs]
+            pairs = []
+            for (value, reference), (_, _, _, request, peer, n) in zip(series, runs):
+                pairs.append((value, functools.partial(bench_shared.timed, request, n, self.s.seconds)))
+                pairs.append((reference, functools.partial(bench_shared.timed, peer.run, n, self.s.seconds)))
+            self.alternate(f"fig 11: shared buffers, {human_size(size)} and {human_size(split)}", pairs, "MB/s")
+        finally:
+            for bench in benches:
+                bench.close()
+        for (value, reference), (key, title, target, _, peer, _) in zip(series, runs):
+            note = f"one request at a time from a Python client; reference: {peer.name} in the client, same size"
+            self.figures.append(Figure(key, 11, title, "MB/s", value, reference, target, note=note))
 
     # -- figure 8: what a Python user would otherwise reach for
 
@@ -1159,7 +1203,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (figures not meaningful)")
     parser.add_argument("--rounds", type=int, help="alternating runs per series (default 5)")
     parser.add_argument("--seconds", type=float, help="timed part of each run (default 0.5)")
-    parser.add_argument("--only", help="comma-separated figure numbers to run (default all, 1-10)")
+    parser.add_argument("--only", help="comma-separated figure numbers to run (default all, 1-11)")
     parser.add_argument("--floor-mt", action="store_true", help="serve the floor with fuse_session_loop_mt (default one thread)")
 
 

@@ -63,6 +63,30 @@ struct dmio_setfunc {
 /* Read-only: the pid of the server, in decimal; present on every session. */
 #define DMOVERFS_XATTR_SERVER	"user.dmover.server"
 
+/*
+ * dmoverfs extension, shared buffers: memory the server maps too.  Requests
+ * of a process whose every buffer lies in ranges it registered with the
+ * session run on that memory directly (no copy, no system call per
+ * transfer).  A range must be mapped MAP_SHARED and writable from a memfd,
+ * a /dev/shm or a hugetlbfs file, page-aligned:
+ *   fsetxattr(fd, DMOVERFS_XATTR_REGISTER, "FD OFFSET ADDR LEN", ...)
+ *   fsetxattr(fd, DMOVERFS_XATTR_UNREGISTER, "ADDR LEN", ...)
+ * (decimal, or 0x hex).  The server works on the registered pages until the
+ * range is unregistered or the session closes, even if the process remaps
+ * it meanwhile; requests in flight keep the pages they use.
+ */
+#define DMOVERFS_XATTR_REGISTER	"user.dmover.register"
+#define DMOVERFS_XATTR_UNREGISTER	"user.dmover.unregister"
+
+/*
+ * The same through libdmoverio.so (link with -ldmoverio, or preload it):
+ * len bytes of zeroed memory from a new memfd, registered with session fd,
+ * or NULL with errno set (ENOSPC past the server's limits); and its release
+ * (unregister, unmap): 0, or -1 with errno.  Not part of NetBSD's ABI.
+ */
+void *dmoverfs_shared_alloc(int fd, size_t len);
+int dmoverfs_shared_free(int fd, void *buf, size_t len);
+
 #if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L && defined(__x86_64__)
 _Static_assert(sizeof(dmio_buffer) == 16, "dmio_buffer is 16 bytes");
 _Static_assert(sizeof(struct dmio_usrreq) == 40, "dmio_usrreq is 40 bytes");
