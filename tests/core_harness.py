@@ -9,13 +9,14 @@ and the core reaches them with process_vm_readv/writev on os.getpid().
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import importlib.util
 import os
 import select
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
@@ -335,3 +336,25 @@ def assert_consistent(core: Core) -> None:
     assert (stats["executing_bytes"], stats["external"]) == (0, 0)
     for name, f in funcs.items():
         assert f["submitted"] == f["completed"] + f["failed"], name
+
+
+@contextlib.contextmanager
+def core_factory(cm) -> Iterator[Callable[..., Core]]:
+    """Make cores; each carries a Mem (``core.mem``) that lives as long as it does, so that
+    workers still running a request when a test ends never write into freed memory.  Every
+    core's sessions are closed and the core freed at the end."""
+    cores: list[Core] = []
+
+    def make(**kw) -> Core:
+        core = Core(cm, **kw)
+        core.mem = Mem()
+        cores.append(core)
+        return core
+
+    try:
+        yield make
+    finally:
+        for core in cores:
+            for s in core.sessions:
+                s.close()
+            core.free()

@@ -38,6 +38,7 @@ from core_harness import (
     addr,
     assert_consistent,
     build_core_module,
+    core_factory,
     core_module,
     pack_req,
     until,
@@ -70,18 +71,8 @@ def cm(core_so):
 @pytest.fixture
 def make_core(cm):
     """Factory of cores, all freed at the end of the test."""
-    cores: list[Core] = []
-
-    def make(**kw) -> Core:
-        core = Core(cm, **kw)
-        cores.append(core)
-        return core
-
-    yield make
-    for core in cores:
-        for s in core.sessions:
-            s.close()
-        core.free()
+    with core_factory(cm) as make:
+        yield make
 
 
 # --- client memory ----------------------------------------------------------

@@ -15,7 +15,7 @@ import google_crc32c
 import numpy as np
 import pytest
 
-from core_harness import IOV_MAX, Core, Mem, build_core_module, core_module, until, whole
+from core_harness import IOV_MAX, Core, Mem, build_core_module, core_factory, core_module, until, whole
 
 CHUNK = 4160  # no power of two: slice edges fall everywhere in the lists
 #: The "attack" of the worker monopoly: a zero whose output lists one region IOV_MAX times.
@@ -29,21 +29,9 @@ def cm(tmp_path_factory):
 
 @pytest.fixture
 def make_core(cm):
-    cores: list[Core] = []
-
-    def make(**kw) -> Core:
-        core = Core(cm, **kw)
-        # The memory requests act on lives as long as the core: workers still zeroing an
-        # attacker's region when a test ends must not write into freed memory.
-        core.mem = Mem()
-        cores.append(core)
-        return core
-
-    yield make
-    for core in cores:
-        for s in core.sessions:
-            s.close()
-        core.free()
+    """Factory of cores; a test's buffers (core.mem) outlive the workers still zeroing them."""
+    with core_factory(cm) as make:
+        yield make
 
 
 def le32(v: int) -> bytes:

@@ -442,6 +442,19 @@ dm_sess_call_read(dm_sess *s, const struct dm_call_in *in, size_t len, void *scr
 		dm_io_kick(s);
 }
 
+/* Take k off its session and answer it with err: called under iomu, returns
+ * without it. */
+static void
+end_call(dm_core *c, struct dm_call *k, int err)
+{
+	struct dm_call *chain = NULL;
+
+	detach(c, k);
+	pthread_mutex_unlock(&c->iomu);
+	chain_push(&chain, k, err);
+	finish_chain(c, chain);
+}
+
 /*
  * Keep k's requests past the caller's buffer: 0, or EAGAIN when the copy
  * would pass the cap on request metadata (waiting writes count against it,
@@ -505,18 +518,12 @@ pump(dm_sess *s, struct dm_exec *x)
 		room = s->depth - outstanding;
 		if (room == 0) {
 			if (k->nonblock) {
-				detach(c, k);
-				pthread_mutex_unlock(&c->iomu);
-				chain_push(&chain, k, EAGAIN);
-				finish_chain(c, chain);
+				end_call(c, k, EAGAIN);
 				continue;
 			}
 			/* Wait for a read to free room (dm_io_kick restarts the pump). */
 			if ((err = own(c, k)) != 0) {
-				detach(c, k);
-				pthread_mutex_unlock(&c->iomu);
-				chain_push(&chain, k, err);
-				finish_chain(c, chain);
+				end_call(c, k, err);
 				continue;
 			}
 			if (!k->parked) {
@@ -564,10 +571,7 @@ pump(dm_sess *s, struct dm_exec *x)
 			/* The step is spent: keep the rest of the write and go on
 			 * at the session's next turn (s->pumping stays set). */
 			if ((err = own(c, k)) != 0) {
-				detach(c, k);
-				pthread_mutex_unlock(&c->iomu);
-				chain_push(&chain, k, err);
-				finish_chain(c, chain);
+				end_call(c, k, err);
 				continue;
 			}
 			pthread_mutex_unlock(&c->iomu);
