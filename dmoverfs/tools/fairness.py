@@ -20,7 +20,7 @@ In one run, on this machine: build the victim and the attackers
 Each attack runs only while the victim measures; then the attacker is stopped
 (SIGTERM: it closes its sessions and prints its counters) and the server must
 have nothing outstanding again before the next phase; how long that took is
-reported. Targets (issue figures, not timed tests): victim p99 <= 50 ms and
+reported. Targets (figures to reach, not timed tests): victim p99 <= 50 ms and
 p50 <= 5 x the idle p50 of the same run during every attack; the 1 MiB copy's
 longest round trip <= 0.5 s during (a); slicing >= 0.95 of whole requests.
 
