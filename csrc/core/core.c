@@ -272,7 +272,7 @@ dm_core_new(const struct dm_config *cfg, int *err)
 		goto fail;
 	}
 	if ((c->inl = dm_exec_new(c, c->cfg.chunk_bytes)) == NULL ||
-	    (c->parts = dm_parts_new(wake_workers, c)) == NULL || (c->shusers = dm_shusers_new()) == NULL) {
+	    (c->parts = dm_parts_new(wake_workers, c)) == NULL) {
 		e = ENOMEM;
 		goto fail;
 	}
@@ -320,7 +320,6 @@ dm_core_free(dm_core *c)
 	free(c->workers);
 	dm_exec_free(c->inl);
 	dm_parts_free(c->parts);
-	dm_shusers_free(c->shusers);	/* after the sessions: their registrations count here */
 	if (c->efd >= 0)
 		close(c->efd);
 	if (c->zeros != NULL)

@@ -45,7 +45,6 @@ struct dm_req;
 struct dm_parts;
 struct dm_shset;
 struct dm_shuse;
-struct dm_shusers;
 
 /* Nanoseconds on clock id. */
 static inline int64_t
@@ -389,6 +388,8 @@ struct dm_user {
 	uint32_t uid;
 	struct dm_user *next;		/* the core's users (core->mu) */
 	unsigned sessions;		/* open (core->mu) */
+	unsigned shared_regs;		/* shared memory registered in its sessions (core->mu) */
+	uint64_t shared_bytes;
 	atomic_uint_fast64_t outstanding, meta_bytes, refused;
 	/* Scheduling (core->qmu): */
 	dm_sess *shead, *stail;		/* its sessions with work queued */
@@ -477,7 +478,6 @@ struct dm_core {
 	atomic_uint_fast64_t executing_bytes, run_bytes, busy_ns, external;
 	struct dm_fstats fstats[DM_NFUNCS];
 	struct dm_parts *parts;		/* parts of large requests, for idle workers (parts.c) */
-	struct dm_shusers *shusers;	/* shared memory registered per user (shared.c) */
 	atomic_uint_fast64_t shared_runs;
 };
 
@@ -541,9 +541,6 @@ int dm_fault_guard(int (*fn)(void *), void *arg);
 
 /* --- shared.c ------------------------------------------------------------- */
 
-/* Per-user accounting of registrations; NULL when out of memory. */
-struct dm_shusers *dm_shusers_new(void);
-void dm_shusers_free(struct dm_shusers *u);
 /* Drop every registration of s (the session closes). */
 void dm_shared_close(dm_sess *s);
 /* Free what dm_shared_close left (s is freed: nothing can reach it). */

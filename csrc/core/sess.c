@@ -69,8 +69,8 @@ dm_sess_new(dm_core *core, uint64_t id, int pid, int pidfd, unsigned depth)
 void
 dm_sess_destroy(dm_sess *s)
 {
+	dm_shared_free(s);	/* its registrations are charged to its user */
 	dm_core_detach(s->core, s);
-	dm_shared_free(s);
 	if (s->opener != NULL)
 		dm_peer_unref(s->opener);
 	pthread_mutex_destroy(&s->mu);

@@ -61,8 +61,8 @@ struct dm_shreg {
 	int tgid;			/* the registering process */
 	int pidfd;			/* of that process */
 	int memfd;			/* its /proc/TID/mem: the address space registered */
-	uint32_t uid;
-	struct dm_shusers *users;
+	dm_core *core;
+	struct dm_user *user;		/* the session's: charged for it */
 };
 
 struct dm_shset {
@@ -78,89 +78,32 @@ struct dm_shuse {
 	struct dm_shreg *reg[];
 };
 
-struct dm_shuser {
-	uint32_t uid;
-	unsigned count;
-	uint64_t bytes;
-};
-
-struct dm_shusers {
-	pthread_mutex_t mu;
-	struct dm_shuser *v;
-	size_t n, cap;
-};
-
 /* --- per-user accounting ---------------------------------------------------- */
 
-struct dm_shusers *
-dm_shusers_new(void)
-{
-	struct dm_shusers *u = calloc(1, sizeof(*u));
-
-	if (u != NULL)
-		pthread_mutex_init(&u->mu, NULL);
-	return u;
-}
-
-void
-dm_shusers_free(struct dm_shusers *u)
-{
-	if (u == NULL)
-		return;
-	pthread_mutex_destroy(&u->mu);
-	free(u->v);
-	free(u);
-}
-
-/* Count a registration of len bytes against uid: 0, ENOSPC or ENOMEM. */
+/* Count a registration of len bytes against user u: 0 or ENOSPC. */
 static int
-user_charge(struct dm_shusers *u, uint32_t uid, uint64_t len)
+user_charge(dm_core *c, struct dm_user *u, uint64_t len)
 {
-	struct dm_shuser *e = NULL;
 	int err = 0;
 
-	pthread_mutex_lock(&u->mu);
-	for (size_t i = 0; i < u->n; i++)
-		if (u->v[i].uid == uid)
-			e = &u->v[i];
-	if (e == NULL) {
-		if (u->n == u->cap) {
-			size_t cap = u->cap ? 2 * u->cap : 8;
-			struct dm_shuser *v = realloc(u->v, cap * sizeof(*v));
-
-			if (v == NULL) {
-				pthread_mutex_unlock(&u->mu);
-				return ENOMEM;
-			}
-			u->v = v;
-			u->cap = cap;
-		}
-		e = &u->v[u->n++];
-		*e = (struct dm_shuser){ .uid = uid };
-	}
-	if (e->count >= USER_REGS || len > USER_BYTES - e->bytes)
+	pthread_mutex_lock(&c->mu);
+	if (u->shared_regs >= USER_REGS || len > USER_BYTES - u->shared_bytes)
 		err = ENOSPC;
 	else {
-		e->count++;
-		e->bytes += len;
+		u->shared_regs++;
+		u->shared_bytes += len;
 	}
-	pthread_mutex_unlock(&u->mu);
+	pthread_mutex_unlock(&c->mu);
 	return err;
 }
 
 static void
-user_uncharge(struct dm_shusers *u, uint32_t uid, uint64_t len)
+user_uncharge(dm_core *c, struct dm_user *u, uint64_t len)
 {
-	pthread_mutex_lock(&u->mu);
-	for (size_t i = 0; i < u->n; i++)
-		if (u->v[i].uid == uid) {
-			u->v[i].count--;
-			u->v[i].bytes -= len;
-			if (u->v[i].count == 0)
-				u->v[i] = u->v[--u->n];
-			break;
-		}
-	pthread_mutex_unlock(&u->mu);
+	pthread_mutex_lock(&c->mu);
+	u->shared_regs--;
+	u->shared_bytes -= len;
+	pthread_mutex_unlock(&c->mu);
 }
 
 /* --- registrations ---------------------------------------------------------- */
@@ -172,7 +115,7 @@ reg_unref(struct dm_shreg *g)
 		return;
 	if (g->map != NULL) {
 		munmap(g->map, g->maplen);
-		user_uncharge(g->users, g->uid, g->len);
+		user_uncharge(g->core, g->user, g->len);
 	}
 	if (g->pidfd >= 0)
 		close(g->pidfd);
@@ -375,13 +318,13 @@ link_reg(dm_sess *s, struct dm_shset *set, struct dm_shreg *g, int file, uint64_
 	if (err == 0 && (set->count >= SESS_REGS || g->len > SESS_BYTES - set->bytes))
 		err = ENOSPC;
 	if (err == 0)
-		err = user_charge(g->users, g->uid, g->len);
+		err = user_charge(g->core, g->user, g->len);
 	if (err == 0) {
 		void *m = mmap(NULL, g->maplen, PROT_READ | PROT_WRITE, MAP_SHARED, file, (off_t)off);
 
 		if (m == MAP_FAILED) {
 			err = errno;
-			user_uncharge(g->users, g->uid, g->len);
+			user_uncharge(g->core, g->user, g->len);
 		} else {
 			g->map = m;
 			g->next = set->head;
@@ -422,8 +365,8 @@ dm_sess_register(dm_sess *s, int tid, uint32_t uid, uint32_t gid, int fd, uint64
 	g->pidfd = g->memfd = -1;
 	g->addr = (uintptr_t)addr;
 	g->len = (size_t)len;
-	g->uid = uid;
-	g->users = s->core->shusers;
+	g->core = s->core;
+	g->user = s->user;
 	if ((err = hold_owner(who, g)) == 0 && (file = fetch_file(who, g, fd)) < 0)
 		err = -file;
 	if (err == 0)
