@@ -20,7 +20,7 @@ import trio
 from dmoverfs.backends import BuiltinBackend, Dispatcher, Registry
 from dmoverfs.server import stats
 from dmoverfs.server.core import Core, Function
-from dmoverfs.server.process import Client, thread_group
+from dmoverfs.server.process import Client, command_name, thread_group
 from dmoverfs.server.session import Session
 from dmoverfs.server.transport import Transport
 from dmoverfs.tunables import Tunables
@@ -86,7 +86,8 @@ class Device:
         if len(self.sessions) >= self.tunables.max_sessions:
             raise OSError(errno.ENFILE, "too many sessions open")
         # Requests act on the memory of whoever writes them; the opener is for stats.
-        client = Client(pid=thread_group(ctx.pid), uid=ctx.uid, gid=ctx.gid)
+        pid = thread_group(ctx.pid)
+        client = Client(pid=pid, uid=ctx.uid, gid=ctx.gid, command=command_name(pid))
         core_session = self.core.session(sid, self.tunables.queue_depth)
         session = Session(sid, core_session, client, self.tunables.queue_depth)
         if preset is not None:
