@@ -9,6 +9,7 @@ left by a server that was killed.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -58,6 +59,56 @@ def is_mounted(mountpoint: Path) -> bool:
     return Path(os.path.abspath(mountpoint)) in mounts()
 
 
+def is_stale(mountpoint: Path) -> bool:
+    """True if the mount at *mountpoint* has lost its server ("Transport endpoint is not connected")."""
+    try:
+        os.listdir(mountpoint)  # opendir reaches the server; stat may be answered from the kernel's cache
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def check_mountpoint(mountpoint: Path, nonempty: bool) -> None:
+    """Raise MountError unless *mountpoint* is a directory that may be mounted on (made if missing).
+
+    A mount hides what the directory holds: a non-empty one is refused unless
+    *nonempty* (``--nonempty``, ``-o nonempty``) says so.
+    """
+    if is_mounted(mountpoint):
+        if is_stale(mountpoint):
+            raise MountError(f"{mountpoint} holds a mount whose server is gone; clear it with: dmoverfs unmount {mountpoint}")
+        raise MountError(f"{mountpoint} is already mounted; unmount it first: dmoverfs unmount {mountpoint}")
+    if os.path.lexists(mountpoint) and not mountpoint.is_dir():
+        raise MountError(f"{mountpoint} is not a directory: give a directory (or a new path, which is created)")
+    try:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        entries = os.listdir(mountpoint)
+    except OSError as exc:
+        raise MountError(f"cannot use {mountpoint} as the mount point: {exc.strerror}{_hint(exc)}") from None
+    if entries and not nonempty:
+        raise MountError(
+            f"{mountpoint} is not empty and the mount would hide what it holds; "
+            "choose an empty directory, or pass --nonempty (-o nonempty) to mount over them"
+        )
+
+
+def check_fuse_device(path: str = "/dev/fuse") -> None:
+    """Raise MountError, saying how to fix it, when this process cannot open the FUSE device."""
+    if not os.path.exists(path):
+        raise MountError(f"{path} is missing: load the fuse module as root (modprobe fuse)")
+    if os.geteuid() != 0 and not os.access(path, os.R_OK | os.W_OK):
+        raise MountError(
+            f"{path} is not accessible to this user: as root, run chmod 0666 {path} "
+            "(what udev does on Debian), or mount as root with --allow-other"
+        )
+
+
+def _hint(exc: OSError) -> str:
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return " (give a directory you may write, e.g. under $XDG_RUNTIME_DIR, or run as root)"
+    return ""
+
+
 def server_pid(mountpoint: Path) -> int | None:
     """The pid of the server answering at *mountpoint*, or None if it does not answer."""
     try:
@@ -74,10 +125,18 @@ def spawn_server(mountpoint: Path, server_args: list[str], log_file: Path, env: 
     silent for READY_TIMEOUT_S instead, it is killed and MountError carries the
     end of its log.
     """
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_file, "ab")  # closed below, once the server has it
+    except OSError as exc:
+        raise MountError(
+            f"cannot write the server's log {log_file}: {exc.strerror}; "
+            "give one with --log-file PATH (-o log_file=PATH) or set XDG_STATE_HOME"
+        ) from None
+    start = log.tell()
     read_end, write_end = os.pipe()
     cmd = [sys.executable, "-m", "dmoverfs", "mount", "--foreground", "--ready-fd", str(write_end)]
-    with open(log_file, "ab") as log:
+    with log:
         proc = subprocess.Popen(
             [*cmd, *server_args, str(mountpoint)],
             stdin=subprocess.DEVNULL,
@@ -101,8 +160,18 @@ def spawn_server(mountpoint: Path, server_args: list[str], log_file: Path, env: 
         proc.wait()
     if is_mounted(mountpoint):
         lazy_unmount(mountpoint)
-    tail = log_file.read_text(errors="replace").strip().splitlines()[-8:]
-    raise MountError("the server did not start:\n  " + "\n  ".join(tail) + f"\n(full log: {log_file})")
+    raise MountError(f"the server did not start: {_failure(log_file, start)}\n(full log: {log_file})")
+
+
+def _failure(log_file: Path, start: int) -> str:
+    """Why the server that logged to *log_file* from offset *start* failed: its ``dmoverfs:`` message, else its last line."""
+    with open(log_file, "rb") as f:
+        f.seek(start)
+        lines = f.read().decode(errors="replace").strip().splitlines()
+    said = [line for line in lines if line.startswith("dmoverfs: ")]
+    if said:
+        return said[-1].removeprefix("dmoverfs: ")
+    return lines[-1] if lines else "it exited without a word"
 
 
 def _wait(predicate, timeout: float) -> bool:
