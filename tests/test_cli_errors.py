@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import test_cli
 
 from conftest import require_fuse, temp_root
 from dmoverfs import mounting
@@ -24,15 +25,9 @@ from users import TempUser, python_paths
 REPO = Path(__file__).resolve().parent.parent
 
 
-def dmoverfs(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dmoverfs", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-    )
+def dmoverfs(*args: str) -> subprocess.CompletedProcess:
+    """The command's result, failed or not."""
+    return test_cli.dmoverfs(*args, check=False)
 
 
 def short_error(result: subprocess.CompletedProcess, *words: str) -> str:
