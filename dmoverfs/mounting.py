@@ -122,8 +122,9 @@ def spawn_server(mountpoint: Path, server_args: list[str], log_file: Path, env: 
     """Start ``dmoverfs mount --foreground`` detached; return it once the mount answers.
 
     The server writes ``ready`` to a pipe after FUSE_INIT; if it exits or stays
-    silent for READY_TIMEOUT_S instead, it is killed and MountError carries the
-    end of its log.
+    silent for READY_TIMEOUT_S instead, it is killed and MountError carries
+    what it said about why (its ``dmoverfs:`` line, else its last line).
+    An unwritable log file is a MountError too.
     """
     try:
         log_file.parent.mkdir(parents=True, exist_ok=True)
