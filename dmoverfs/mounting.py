@@ -165,14 +165,23 @@ def spawn_server(mountpoint: Path, server_args: list[str], log_file: Path, env: 
 
 
 def _failure(log_file: Path, start: int) -> str:
-    """Why the server that logged to *log_file* from offset *start* failed: its ``dmoverfs:`` message, else its last line."""
+    """Why the server that logged to *log_file* from offset *start* failed, in one or two lines.
+
+    Its last ``dmoverfs:`` message, after the last line another program
+    wrote before it (fusermount3's or libfuse's reason, which that message
+    refers to); without one, the log's last line.
+    """
     with open(log_file, "rb") as f:
         f.seek(start)
         lines = f.read().decode(errors="replace").strip().splitlines()
-    said = [line for line in lines if line.startswith("dmoverfs: ")]
-    if said:
-        return said[-1].removeprefix("dmoverfs: ")
-    return lines[-1] if lines else "it exited without a word"
+    said = [i for i, line in enumerate(lines) if line.startswith("dmoverfs: ")]
+    if not said:
+        return lines[-1] if lines else "it exited without a word"
+    last = said[-1]
+    # Lines of the server's own log start with a date; others come from the programs it ran.
+    foreign = [line for line in lines[:last] if line.strip() and not line[:4].isdigit() and not line.startswith("dmoverfs: ")]
+    reason = lines[last].removeprefix("dmoverfs: ")
+    return f"{foreign[-1].strip()}\n  {reason}" if foreign else reason
 
 
 def _wait(predicate, timeout: float) -> bool:
