@@ -29,8 +29,10 @@ How the session is built (see the README, "From Python", for the reasons):
   file of a session: do not set it on a session the client owns.
 - Requests address the memory of the process that opened the session, so a
   session cannot be used after ``fork()`` in the child (RuntimeError).
-- It needs nothing but the standard library (buffers are exported with
-  ``ctypes``), so it runs from the client-only distribution (see the README).
+- It needs nothing but the standard library, so it runs from the
+  client-only distribution (see the README): buffers are exported with
+  ``ctypes``, or with cffi's cheaper ``from_buffer`` when cffi is installed
+  (as in the full install).
 
 Errors about the mount are :class:`DmoverfsError` subclasses naming the mount
 point and what to do; each also subclasses the builtin exception code caught
@@ -48,7 +50,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeAlias
 
@@ -249,15 +251,16 @@ class _PyBuffer(ctypes.Structure):
     ]
 
 
-# The C API through ctypes (the GIL held; a Python error set by the exporter is raised).
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = (ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)
-_get_buffer.restype = ctypes.c_int
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = (ctypes.POINTER(_PyBuffer),)
-_release_buffer.restype = None
+# The C API through prototypes of our own (not ctypes.pythonapi's shared function
+# objects, whose argtypes any other code may set): the GIL stays held, and an
+# error the exporter sets is raised. Addresses are passed as integers (cheaper than byref).
+_get_buffer = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_void_p, ctypes.c_int)(
+    ("PyObject_GetBuffer", ctypes.pythonapi)
+)
+_release_buffer = ctypes.PYFUNCTYPE(None, ctypes.c_void_p)(("PyBuffer_Release", ctypes.pythonapi))
 _PYBUF_WRITABLE = 0x0001
 _PYBUF_C_CONTIGUOUS = 0x0038  # PyBUF_C_CONTIGUOUS: the exporter refuses a non-contiguous buffer
+_PYBUF_WRITE_FLAGS = _PYBUF_C_CONTIGUOUS | _PYBUF_WRITABLE
 
 
 class _Export:
@@ -268,7 +271,7 @@ class _Export:
     def __init__(self, obj: object, writable: bool) -> None:
         self.view: _PyBuffer | None = None
         view = _PyBuffer()
-        _get_buffer(obj, ctypes.byref(view), _PYBUF_C_CONTIGUOUS | (_PYBUF_WRITABLE if writable else 0))
+        _get_buffer(obj, ctypes.addressof(view), _PYBUF_WRITE_FLAGS if writable else _PYBUF_C_CONTIGUOUS)
         self.view = view
         self.addr: int = view.buf or 0
         self.size: int = view.len
@@ -277,17 +280,49 @@ class _Export:
         """Give the export back (a ``bytearray`` may be resized again); idempotent."""
         view, self.view = self.view, None
         if view is not None:
-            _release_buffer(ctypes.byref(view))
+            _release_buffer(ctypes.addressof(view))
 
     def __del__(self) -> None:
         if _release_buffer is not None:  # None late in interpreter shutdown
             self.release()
 
 
-def _export(obj: object, writable: bool, what: str) -> _Export:
-    """An export of *obj*'s memory, held until released."""
+class _Exporter(NamedTuple):
+    """How buffers are exported: ``export(obj, writable)`` -> a handle, its ``span`` (address, length), ``release``."""
+
+    name: str
+    export: Callable[[object, bool], Any]
+    span: Callable[[Any], tuple[int, int]]
+    release: Callable[[Any], None]
+
+
+#: The standard library's way, always there.
+_CTYPES = _Exporter("ctypes", _Export, lambda e: (e.addr, e.size), _Export.release)
+
+
+def _cffi_exporter() -> _Exporter | None:
+    """cffi's ``from_buffer``, about three times cheaper per buffer, when cffi is installed (the full install)."""
     try:
-        return _Export(obj, writable)
+        import cffi
+    except ImportError:
+        return None
+    ffi = cffi.FFI()
+    cast = ffi.cast
+    return _Exporter(
+        "cffi",
+        lambda obj, writable: ffi.from_buffer(obj, require_writable=writable),
+        lambda c: (int(cast("uintptr_t", c)), len(c)),
+        ffi.release,
+    )
+
+
+_EXPORTER = _cffi_exporter() or _CTYPES
+
+
+def _export(obj: object, writable: bool, what: str) -> Any:
+    """An export of *obj*'s memory (a handle of ``_EXPORTER``), held until released."""
+    try:
+        return _EXPORTER.export(obj, writable)
     except TypeError:
         raise TypeError(f"{what}: {type(obj).__name__} does not support the buffer protocol") from None
     except (BufferError, ValueError) as exc:  # the exporter's words for read-only or non-contiguous
@@ -316,9 +351,10 @@ def _immediate(value: bytes | int) -> bytes:
     return raw.ljust(8, b"\0")
 
 
-def _release(exports: list[_Export]) -> None:
+def _release(exports: list[Any]) -> None:
+    release = _EXPORTER.release
     for export in exports:
-        export.release()
+        release(export)
 
 
 class _Built:
@@ -368,12 +404,13 @@ def _build(requests: Sequence[Request], ids: list[int]) -> _Built:
     payload = bytearray(REQ_SIZE * len(requests))
     keeps: list[tuple[list[Any], Any]] = []
     off = 0
+    span = _EXPORTER.span
 
     def iovecs(segs: list[Any]) -> int:
         nonlocal off
         start = base + off
         for export in segs:
-            IOVEC.pack_into(view, off, export.addr, export.size)
+            IOVEC.pack_into(view, off, *span(export))
             off += IOVEC.size
         return start
 
@@ -710,10 +747,10 @@ class Session:
         got = [Result(*fields) for fields in USRRESP.iter_unpack(data)]
         self._stash.extend(got)
         with self._lock:
-            for res in got:
-                keep = self._pending.pop(res.id, None)
-                if keep is not None:
-                    _release(keep[0])
+            keeps = [self._pending.pop(res.id, None) for res in got]
+        for keep in keeps:
+            if keep is not None:
+                _release(keep[0])
         return len(got)
 
     def _take(self, n: int) -> list[Result]:

@@ -36,6 +36,19 @@ BIG = 64 << 20  # runs on a worker thread, not inline in write()
 WAIT_S = 30.0
 
 
+@pytest.fixture(autouse=True, params=["cffi", "ctypes"])
+def exporter(request):
+    """Every test with both ways of exporting buffers: cffi's (the full install) and ctypes' (the client alone).
+
+    Set by hand, not with monkeypatch: tests call monkeypatch.undo() for their own patches.
+    """
+    chosen = client._cffi_exporter() if request.param == "cffi" else client._CTYPES
+    assert chosen is not None, "cffi is missing: run scripts/setup"
+    before, client._EXPORTER = client._EXPORTER, chosen
+    yield chosen
+    client._EXPORTER = before
+
+
 def rand(size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
 

@@ -42,6 +42,7 @@ print(json.dumps({
     "functions": client.functions(mnt),
     "unknown_lists": unknown,
     "importable": {m: importlib.util.find_spec(m) is not None for m in ("pyfuse3", "trio", "cffi", "dmoverfs.server")},
+    "exporter": client._EXPORTER.name,
 }))
 """
 
@@ -91,6 +92,7 @@ def test_client_only_install_works_against_a_full_install_mount(wheel, tmp_path,
     got = json.loads(run([str(python), "-I", "-c", USE_CLIENT, str(mnt)], cwd=tmp_path).stdout)
     assert Path(got["client_file"]).is_relative_to(venv)  # the installed copy, not the checkout
     assert got["importable"] == {"pyfuse3": False, "trio": False, "cffi": False, "dmoverfs.server": False}
+    assert got["exporter"] == "ctypes"
     src = bytes(range(256)) * 64
     assert got["copied"] is True
     assert got["crc"] == int.from_bytes(google_crc32c.Checksum(src).digest(), "big")
