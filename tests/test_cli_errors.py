@@ -154,19 +154,8 @@ def user():
 
 
 def as_user(user: TempUser, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "dmoverfs", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        user=user.uid,
-        group=user.gid,
-        extra_groups=[],
-        env={**user.env(), **(env or {})},
-        cwd=user.home,
-    )
-    return result
+    """``dmoverfs ARGS`` run by *user*, with *env* added to its clean environment."""
+    return user.run(["env", *(f"{k}={v}" for k, v in (env or {}).items()), sys.executable, "-m", "dmoverfs", *args])
 
 
 def test_unwritable_log_directory(user):
