@@ -3,21 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from dmoverfs import __version__, mount_helper, mounting, paths
 from dmoverfs.tunables import Tunables
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with short errors: what is wrong and where to look, not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n(see: {self.prog} --help)\n")
+
+
 def _positive(text: str) -> int:
-    value = int(text, 0)
+    """A whole number of at least 1 (decimal, or 0x hexadecimal)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number (at least 1)")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
     return value
 
 
@@ -51,6 +76,8 @@ def _server_args(args: argparse.Namespace) -> list[str]:
         out.append("--debug")
     if args.dev_link:
         out.append("--dev-link")
+    if args.nonempty:
+        out.append("--nonempty")
     for name in args.backend or ():
         out += ["--backend", name]
     for name in args.no_backend or ():
@@ -65,14 +92,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
         tunables.validate()
     except ValueError as exc:
         raise SystemExit(f"dmoverfs: {exc}") from None
-    if mounting.is_mounted(mountpoint):
-        raise SystemExit(f"dmoverfs: {mountpoint} is already mounted (dmoverfs unmount {mountpoint})")
-    if args.dev_link:
-        try:
+    try:
+        if args.dev_link:
             mounting.check_dev_link(mountpoint)
-        except mounting.MountError as exc:
-            raise SystemExit(f"dmoverfs: {exc}") from None
-    mountpoint.mkdir(parents=True, exist_ok=True)
+        mounting.check_mountpoint(mountpoint, args.nonempty)
+        mounting.check_fuse_device()
+    except mounting.MountError as exc:
+        raise SystemExit(f"dmoverfs: {exc}") from None
     if args.foreground:
         from dmoverfs import backends
         from dmoverfs.server.main import serve  # imports pyfuse3 and the C core only here
@@ -134,18 +160,34 @@ def _read_stats(mountpoint: Path) -> dict:
         with open(mountpoint / "stats", "rb") as f:
             return json.loads(f.read())
     except OSError as exc:
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+            raise SystemExit(_stale(mountpoint)) from None
         raise SystemExit(f"dmoverfs: cannot read {mountpoint / 'stats'}: {exc.strerror}") from None
 
 
+def _stale(mountpoint: Path) -> str:
+    return f"dmoverfs: the server of {mountpoint} is gone (a stale mount); clear it with: dmoverfs unmount {mountpoint}"
+
+
+def _require_mount(mountpoint: Path) -> None:
+    """Exit with a message unless a live dmoverfs mount sits at *mountpoint*."""
+    if not mounting.is_mounted(mountpoint):
+        raise SystemExit(f"dmoverfs: {mountpoint} is not a dmoverfs mount; mount one with: dmoverfs mount {mountpoint}")
+    if mounting.is_stale(mountpoint):
+        raise SystemExit(_stale(mountpoint))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from dmoverfs.status import format_table
+    from dmoverfs.status import format_sessions, format_table
 
     mountpoint = _mountpoint(args)
-    if not mounting.is_mounted(mountpoint):
-        raise SystemExit(f"dmoverfs: {mountpoint} is not a dmoverfs mount")
+    _require_mount(mountpoint)
     while True:
         data = _read_stats(mountpoint)
-        text = json.dumps(data, indent=2) if args.json else format_table(data)
+        if args.json:
+            text = json.dumps(data, indent=2)
+        else:
+            text = format_sessions(data) if args.sessions else format_table(data)
         if args.watch:
             print("\x1b[H\x1b[2J" + text, flush=True)
             time.sleep(args.watch)
@@ -203,8 +245,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not command:
         raise SystemExit("dmoverfs exec: no program given (dmoverfs exec [--mountpoint DIR] -- PROGRAM [ARGS...])")
     mountpoint = _mountpoint(args)
-    if not mounting.is_mounted(mountpoint):
-        raise SystemExit(f"dmoverfs: no dmoverfs mount at {mountpoint} (dmoverfs mount {mountpoint})")
+    _require_mount(mountpoint)
     try:
         env = native.exec_environment(mountpoint, os.environ)
     except native.NativeFileMissing as exc:
@@ -218,7 +259,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dmoverfs", description="NetBSD's /dev/dmoverio data mover as a FUSE file system.")
+    parser = _Parser(prog="dmoverfs", description="NetBSD's /dev/dmoverio data mover as a FUSE file system.")
     parser.add_argument("--version", action="version", version=f"dmoverfs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -240,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--debug", action="store_true", help="log every FUSE request")
     mount.add_argument("--log-file", help="log of the background server")
     mount.add_argument("--dev-link", action="store_true", help="make /dev/dmoverio a link to the mount while it is up (root)")
+    mount.add_argument("--nonempty", action="store_true", help="mount over a directory that is not empty (hiding its files)")
     mount.add_argument(
         "--backend",
         action="append",
@@ -257,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the counters of a mount")
     status.add_argument("mountpoint", nargs="?")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
-    status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    status.add_argument("--watch", type=_seconds, metavar="SECONDS", help="refresh every SECONDS")
+    status.add_argument("--sessions", action="store_true", help="one row per open session: opener, function, queue, counters")
     status.set_defaults(func=cmd_status)
 
     backends_cmd = sub.add_parser("backends", help="list the installed back-ends, their speed and functions")
@@ -295,6 +338,19 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        _die_of_sigpipe()
+    except OSError as exc:  # anything not foreseen above: one line, not a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"dmoverfs {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+
+
+def _die_of_sigpipe() -> NoReturn:
+    """The reader of our output went away (``dmoverfs status --watch 1 | head``): end as a C tool does, by SIGPIPE."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    os._exit(128 + signal.SIGPIPE)  # not reached
 
 
 if __name__ == "__main__":

@@ -39,10 +39,19 @@ per transfer::
         src, dst = s.shared_buffer(1 << 24), s.shared_buffer(1 << 24)
         s.submit(dst, inputs=[src])
         s.results()[0].check()
+- It needs nothing but the standard library, so it runs from the
+  client-only distribution (see the README): buffers are exported with
+  ``ctypes``, or with cffi's cheaper ``from_buffer`` when cffi is installed
+  (as in the full install).
+
+Errors about the mount are :class:`DmoverfsError` subclasses naming the mount
+point and what to do; each also subclasses the builtin exception code caught
+before they existed (``FileNotFoundError``, ``ProcessLookupError``, ...).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import operator
@@ -52,13 +61,11 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeAlias
 
-import cffi
-
-from dmoverfs.paths import default_mountpoint
+from dmoverfs.paths import MOUNTPOINT_ENV, default_mountpoint
 from dmoverfs.wire import BUFFER, IOVEC, REQ_SIZE, RESP_SIZE, USRREQ, USRRESP, XATTR_FUNCTION, XATTR_REGISTER, XATTR_UNREGISTER
 
 if sys.version_info >= (3, 12):
@@ -68,6 +75,11 @@ else:  # pragma: no cover - typing only
 
 __all__ = [
     "BufferSpec",
+    "DmoverfsError",
+    "MountAccessDenied",
+    "MountGone",
+    "NotMounted",
+    "UnknownFunction",
     "Request",
     "Result",
     "Session",
@@ -85,9 +97,6 @@ __all__ = [
 BufferSpec: TypeAlias = "Buffer | Sequence[Buffer]"
 PathLike: TypeAlias = "str | os.PathLike[str] | None"
 
-_ffi = cffi.FFI()
-_from_buffer = _ffi.from_buffer
-_cast = _ffi.cast
 _ZERO8 = bytes(8)
 _UINT32 = 1 << 32
 _UINT64 = 1 << 64
@@ -136,6 +145,59 @@ class Request(NamedTuple):
     req_id: int | None = None
 
 
+class DmoverfsError(OSError):
+    """An error about a dmoverfs mount; ``filename`` is the mount point, the message says what to do."""
+
+
+class NotMounted(DmoverfsError, FileNotFoundError):
+    """No dmoverfs mount answers at the mount point (ENOENT)."""
+
+
+class MountGone(DmoverfsError):
+    """The mount is there but its server is gone (ENOTCONN: a stale mount)."""
+
+
+class MountAccessDenied(DmoverfsError, PermissionError):
+    """The mount refuses this user (EACCES: another user's mount without ``--allow-other``)."""
+
+
+class UnknownFunction(DmoverfsError, ProcessLookupError, LookupError):
+    """The mount offers no function of that name (ESRCH, as ``DMIO_SETFUNC``); ``functions`` lists those it offers."""
+
+    functions: list[str]
+
+
+def _mount_error(exc: OSError, mountpoint: Path) -> OSError:
+    """*exc*, raised opening a file of *mountpoint*, as the DmoverfsError that says what to do (or *exc*)."""
+    where = str(mountpoint)
+    if exc.errno == errno.ENOENT:
+        return NotMounted(
+            errno.ENOENT,
+            f"no dmoverfs mount at {where}: mount one with 'dmoverfs mount {where}', "
+            f"or name the mount point (None means ${MOUNTPOINT_ENV} or the default)",
+            where,
+        )
+    if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+        return MountGone(exc.errno, f"the server of {where} is gone; 'dmoverfs unmount {where}', then mount again", where)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return MountAccessDenied(
+            exc.errno, f"{where} refuses this user: another user's mount needs 'dmoverfs mount --allow-other'", where
+        )
+    return exc
+
+
+def _unknown_function(function: str, mountpoint: Path) -> UnknownFunction:
+    try:
+        offered = functions(mountpoint)
+    except OSError:
+        offered = []
+    exc = UnknownFunction(
+        errno.ESRCH, f"{mountpoint} has no function {function!r}; it offers: {', '.join(offered) or 'none'}", str(mountpoint)
+    )
+    exc.functions = offered
+    return exc
+
+
 class SubmitError(OSError):
     """The server refused a request of a submission; the ones before it were accepted.
 
@@ -168,17 +230,110 @@ def _mountpoint(mountpoint: PathLike) -> Path:
 
 
 def functions(mountpoint: PathLike = None) -> list[str]:
-    """The functions the mount offers (the entries of ``func/``), sorted."""
-    return sorted(os.listdir(_mountpoint(mountpoint) / "func"))
+    """The functions the mount offers (the entries of ``func/``), sorted.
+
+    Raises :class:`NotMounted`, :class:`MountGone` or :class:`MountAccessDenied` when the mount cannot be read.
+    """
+    where = _mountpoint(mountpoint)
+    try:
+        return sorted(os.listdir(where / "func"))
+    except OSError as exc:
+        raise _mount_error(exc, where) from None
 
 
 # -- building requests ------------------------------------------------------------------
 
 
-def _export(obj: object, writable: bool, what: str) -> Any:
-    """A cffi view of *obj*'s memory: holds a buffer export until released."""
+class _PyBuffer(ctypes.Structure):
+    """CPython's ``Py_buffer`` (stable since Python 3.3)."""
+
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+# The C API through prototypes of our own (not ctypes.pythonapi's shared function
+# objects, whose argtypes any other code may set): the GIL stays held, and an
+# error the exporter sets is raised. Addresses are passed as integers (cheaper than byref).
+_get_buffer = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_void_p, ctypes.c_int)(
+    ("PyObject_GetBuffer", ctypes.pythonapi)
+)
+_release_buffer = ctypes.PYFUNCTYPE(None, ctypes.c_void_p)(("PyBuffer_Release", ctypes.pythonapi))
+_PYBUF_WRITABLE = 0x0001
+_PYBUF_C_CONTIGUOUS = 0x0038  # PyBUF_C_CONTIGUOUS: the exporter refuses a non-contiguous buffer
+_PYBUF_WRITE_FLAGS = _PYBUF_C_CONTIGUOUS | _PYBUF_WRITABLE
+
+
+class _Export:
+    """A buffer export of an object (as ``memoryview`` holds one): its address and length, until released."""
+
+    __slots__ = ("view", "addr", "size")
+
+    def __init__(self, obj: object, writable: bool) -> None:
+        self.view: _PyBuffer | None = None
+        view = _PyBuffer()
+        _get_buffer(obj, ctypes.addressof(view), _PYBUF_WRITE_FLAGS if writable else _PYBUF_C_CONTIGUOUS)
+        self.view = view
+        self.addr: int = view.buf or 0
+        self.size: int = view.len
+
+    def release(self) -> None:
+        """Give the export back (a ``bytearray`` may be resized again); idempotent."""
+        view, self.view = self.view, None
+        if view is not None:
+            _release_buffer(ctypes.addressof(view))
+
+    def __del__(self) -> None:
+        if _release_buffer is not None:  # None late in interpreter shutdown
+            self.release()
+
+
+class _Exporter(NamedTuple):
+    """How buffers are exported: ``export(obj, writable)`` -> a handle, its ``span`` (address, length), ``release``."""
+
+    name: str
+    export: Callable[[object, bool], Any]
+    span: Callable[[Any], tuple[int, int]]
+    release: Callable[[Any], None]
+
+
+#: The standard library's way, always there.
+_CTYPES = _Exporter("ctypes", _Export, lambda e: (e.addr, e.size), _Export.release)
+
+
+def _cffi_exporter() -> _Exporter | None:
+    """cffi's ``from_buffer``, about three times cheaper per buffer, when cffi is installed (the full install)."""
     try:
-        return _from_buffer(obj, require_writable=writable)
+        import cffi
+    except ImportError:
+        return None
+    ffi = cffi.FFI()
+    cast = ffi.cast
+    return _Exporter(
+        "cffi",
+        lambda obj, writable: ffi.from_buffer(obj, require_writable=writable),
+        lambda c: (int(cast("uintptr_t", c)), len(c)),
+        ffi.release,
+    )
+
+
+_EXPORTER = _cffi_exporter() or _CTYPES
+
+
+def _export(obj: object, writable: bool, what: str) -> Any:
+    """An export of *obj*'s memory (a handle of ``_EXPORTER``), held until released."""
+    try:
+        return _EXPORTER.export(obj, writable)
     except TypeError:
         raise TypeError(f"{what}: {type(obj).__name__} does not support the buffer protocol") from None
     except (BufferError, ValueError) as exc:  # the exporter's words for read-only or non-contiguous
@@ -208,8 +363,9 @@ def _immediate(value: bytes | int) -> bytes:
 
 
 def _release(exports: list[Any]) -> None:
-    for cdata in exports:
-        _ffi.release(cdata)
+    release = _EXPORTER.release
+    for export in exports:
+        release(export)
 
 
 class _Built:
@@ -221,10 +377,6 @@ class _Built:
         self.payload = payload
         self.ids = ids
         self.keeps = keeps
-
-
-def _addr(cdata: Any) -> int:
-    return int(_cast("uintptr_t", cdata))
 
 
 def _build(requests: Sequence[Request], ids: list[int]) -> _Built:
@@ -257,18 +409,19 @@ def _build(requests: Sequence[Request], ids: list[int]) -> _Built:
                 _release(segs)
         raise
     # One block for every request's dmio_buffer tables and iovec arrays.
-    meta = _ffi.new("char[]", max(meta_size, 1))
-    base = _addr(meta)
-    view = _ffi.buffer(meta)
+    meta = ctypes.create_string_buffer(max(meta_size, 1))
+    base = ctypes.addressof(meta)
+    view = memoryview(meta).cast("B")
     payload = bytearray(REQ_SIZE * len(requests))
     keeps: list[tuple[list[Any], Any]] = []
     off = 0
+    span = _EXPORTER.span
 
     def iovecs(segs: list[Any]) -> int:
         nonlocal off
         start = base + off
-        for cdata in segs:
-            IOVEC.pack_into(view, off, _addr(cdata), len(cdata))
+        for export in segs:
+            IOVEC.pack_into(view, off, *span(export))
             off += IOVEC.size
         return start
 
@@ -333,9 +486,9 @@ class SharedBuffer(mmap.mmap):
         try:
             os.ftruncate(fd, nbytes)
             self = super().__new__(cls, fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            view = _from_buffer(self)
-            self.address = _addr(view)
-            _ffi.release(view)
+            export = _EXPORTER.export(self, True)
+            self.address = _EXPORTER.span(export)[0]
+            _EXPORTER.release(export)
             self.session = None
             try:
                 os.setxattr(session.fileno(), XATTR_REGISTER, f"{fd} 0 {self.address} {nbytes}".encode())
@@ -368,8 +521,10 @@ class Session:
     *mountpoint* None is the default mount point
     (:func:`dmoverfs.paths.default_mountpoint`). The session is opened through
     ``func/FUNCTION``, or ``dmoverio`` and the ``user.dmover.function``
-    attribute for a name that is not there (so an unknown function fails with
-    ``OSError(ESRCH)``). With *nonblocking*, :meth:`submit` raises
+    attribute for a name that is not there: an unknown function raises
+    :class:`UnknownFunction` (a ``ProcessLookupError``, ESRCH) listing those
+    the mount offers; a missing mount :class:`NotMounted` (a
+    ``FileNotFoundError``), a stale one :class:`MountGone`. With *nonblocking*, :meth:`submit` raises
     :class:`SubmitWouldBlock` instead of waiting for room and
     :meth:`results` without a timeout returns what is ready.
 
@@ -414,13 +569,18 @@ class Session:
                 return os.open(self.mountpoint / "func" / function, os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
                 pass  # not listed: let the server say why (ESRCH), or that the mount is missing
-        fd = os.open(self.mountpoint / "dmoverio", os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                raise _mount_error(exc, self.mountpoint) from None
+        try:
+            fd = os.open(self.mountpoint / "dmoverio", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _mount_error(exc, self.mountpoint) from None
         try:
             os.setxattr(fd, XATTR_FUNCTION, function.encode())
         except OSError as exc:
             _close(fd)
             if exc.errno == errno.ESRCH:
-                raise OSError(errno.ESRCH, f"{self.mountpoint} has no function {function!r}") from None
+                raise _unknown_function(function, self.mountpoint) from None
             raise
         except BaseException:
             _close(fd)
@@ -661,10 +821,10 @@ class Session:
         got = [Result(*fields) for fields in USRRESP.iter_unpack(data)]
         self._stash.extend(got)
         with self._lock:
-            for res in got:
-                keep = self._pending.pop(res.id, None)
-                if keep is not None:
-                    _release(keep[0])
+            keeps = [self._pending.pop(res.id, None) for res in got]
+        for keep in keeps:
+            if keep is not None:
+                _release(keep[0])
         return len(got)
 
     def _take(self, n: int) -> list[Result]:
@@ -684,8 +844,10 @@ class Session:
         *n* None means all outstanding requests.
 
         - ``timeout=None``, blocking session: waits until *n* results are
-          ready and returns exactly *n*. *n* larger than :attr:`outstanding`
-          is a ValueError (it could never return).
+          ready and returns exactly *n*, counting requests that other threads
+          submit meanwhile (a consumer thread may wait before its producer
+          has submitted anything). With *n* larger than :attr:`outstanding`
+          and no other thread submitting it waits for ever (Ctrl-C ends it).
         - ``timeout=None``, non-blocking session: returns the results ready
           now, at most *n*; raises BlockingIOError when none is.
         - ``timeout=T`` (seconds, either mode): waits until *n* results are
@@ -705,8 +867,6 @@ class Session:
         if n < 0:
             raise ValueError(f"n = {n} < 0")
         if timeout is None and not self._nonblocking:
-            if n > self.outstanding:
-                raise ValueError(f"{n} results wanted, {self.outstanding} requests outstanding")
             while len(self._stash) < n:
                 # A blocking read returns when its buffer is full; short only across FUSE's transfer size.
                 self._read(self._fd, n - len(self._stash))
@@ -773,15 +933,16 @@ class Session:
     async def aresults(self, n: int | None = 1) -> list[Result]:
         """Wait without blocking the event loop (trio or asyncio) until *n* results are ready; return them.
 
-        *n* None means all outstanding. Cancelling it loses nothing: results
-        already read are returned by the next :meth:`results` or
-        :meth:`aresults`.
+        *n* None means all outstanding. As :meth:`results`, it counts
+        requests submitted meanwhile by other tasks or threads. Cancelling it
+        loses nothing: results already read are returned by the next
+        :meth:`results` or :meth:`aresults`.
         """
         self._check_open()
         if n is None:
             n = self.outstanding
-        if n > self.outstanding:
-            raise ValueError(f"{n} results wanted, {self.outstanding} requests outstanding")
+        if n < 0:
+            raise ValueError(f"n = {n} < 0")
         while len(self._stash) < n:
             try:
                 self._read(self._nbfd, n - len(self._stash))

@@ -53,6 +53,7 @@ FLAGS = {
     "allow_other": "--allow-other",
     "dev_link": "--dev-link",
     "debug": "--debug",
+    "nonempty": "--nonempty",
 }
 #: -o options with a free-form value.
 VALUED = {

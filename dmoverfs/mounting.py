@@ -8,6 +8,7 @@ whatever its state); a lazy unmount (below) just detaches a mount.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -54,6 +55,56 @@ def is_mounted(mountpoint: Path) -> bool:
     return Path(os.path.abspath(mountpoint)) in mounts()
 
 
+def is_stale(mountpoint: Path) -> bool:
+    """True if the mount at *mountpoint* has lost its server ("Transport endpoint is not connected")."""
+    try:
+        os.listdir(mountpoint)  # opendir reaches the server; stat may be answered from the kernel's cache
+    except OSError as exc:
+        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def check_mountpoint(mountpoint: Path, nonempty: bool) -> None:
+    """Raise MountError unless *mountpoint* is a directory that may be mounted on (made if missing).
+
+    A mount hides what the directory holds: a non-empty one is refused unless
+    *nonempty* (``--nonempty``, ``-o nonempty``) says so.
+    """
+    if is_mounted(mountpoint):
+        if is_stale(mountpoint):
+            raise MountError(f"{mountpoint} holds a mount whose server is gone; clear it with: dmoverfs unmount {mountpoint}")
+        raise MountError(f"{mountpoint} is already mounted; unmount it first: dmoverfs unmount {mountpoint}")
+    if os.path.lexists(mountpoint) and not mountpoint.is_dir():
+        raise MountError(f"{mountpoint} is not a directory: give a directory (or a new path, which is created)")
+    try:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        entries = os.listdir(mountpoint)
+    except OSError as exc:
+        raise MountError(f"cannot use {mountpoint} as the mount point: {exc.strerror}{_hint(exc)}") from None
+    if entries and not nonempty:
+        raise MountError(
+            f"{mountpoint} is not empty and the mount would hide what it holds; "
+            "choose an empty directory, or pass --nonempty (-o nonempty) to mount over them"
+        )
+
+
+def check_fuse_device(path: str = "/dev/fuse") -> None:
+    """Raise MountError, saying how to fix it, when this process cannot open the FUSE device."""
+    if not os.path.exists(path):
+        raise MountError(f"{path} is missing: load the fuse module as root (modprobe fuse)")
+    if os.geteuid() != 0 and not os.access(path, os.R_OK | os.W_OK):
+        raise MountError(
+            f"{path} is not accessible to this user: as root, run chmod 0666 {path} "
+            "(what udev does on Debian), or mount as root with --allow-other"
+        )
+
+
+def _hint(exc: OSError) -> str:
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return " (give a directory you may write, e.g. under $XDG_RUNTIME_DIR, or run as root)"
+    return ""
+
+
 def server_pid(mountpoint: Path) -> int | None:
     """The pid of the server answering at *mountpoint*, or None if it does not answer."""
     try:
@@ -76,13 +127,22 @@ def spawn_server(mountpoint: Path, server_args: list[str], log_file: Path, env: 
     """Start ``dmoverfs mount --foreground`` detached; return it once the mount answers.
 
     The server writes ``ready`` to a pipe after FUSE_INIT; if it exits or stays
-    silent for READY_TIMEOUT_S instead, it is killed and MountError carries the
-    end of its log.
+    silent for READY_TIMEOUT_S instead, it is killed and MountError carries
+    what it said about why (its ``dmoverfs:`` line, else its last line).
+    An unwritable log file is a MountError too.
     """
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_file, "ab")  # closed below, once the server has it
+    except OSError as exc:
+        raise MountError(
+            f"cannot write the server's log {log_file}: {exc.strerror}; "
+            "give one with --log-file PATH (-o log_file=PATH) or set XDG_STATE_HOME"
+        ) from None
+    start = log.tell()
     read_end, write_end = os.pipe()
     cmd = [sys.executable, "-m", "dmoverfs", "mount", "--foreground", "--ready-fd", str(write_end)]
-    with open(log_file, "ab") as log:
+    with log:
         proc = subprocess.Popen(
             [*cmd, *server_args, str(mountpoint)],
             stdin=subprocess.DEVNULL,
@@ -101,8 +161,27 @@ def spawn_server(mountpoint: Path, server_args: list[str], log_file: Path, env: 
         proc.wait()
     if is_mounted(mountpoint):
         lazy_unmount(mountpoint)
-    tail = log_file.read_text(errors="replace").strip().splitlines()[-8:]
-    raise MountError("the server did not start:\n  " + "\n  ".join(tail) + f"\n(full log: {log_file})")
+    raise MountError(f"the server did not start: {_failure(log_file, start)}\n(full log: {log_file})")
+
+
+def _failure(log_file: Path, start: int) -> str:
+    """Why the server that logged to *log_file* from offset *start* failed, in one or two lines.
+
+    Its last ``dmoverfs:`` message, after the last line another program
+    wrote before it (fusermount3's or libfuse's reason, which that message
+    refers to); without one, the log's last line.
+    """
+    with open(log_file, "rb") as f:
+        f.seek(start)
+        lines = f.read().decode(errors="replace").strip().splitlines()
+    said = [i for i, line in enumerate(lines) if line.startswith("dmoverfs: ")]
+    if not said:
+        return lines[-1] if lines else "it exited without a word"
+    last = said[-1]
+    # Lines of the server's own log start with a date; others come from the programs it ran.
+    foreign = [line for line in lines[:last] if line.strip() and not line[:4].isdigit() and not line.startswith("dmoverfs: ")]
+    reason = lines[last].removeprefix("dmoverfs: ")
+    return f"{foreign[-1].strip()}\n  {reason}" if foreign else reason
 
 
 def lazy_unmount(mountpoint: Path) -> None:

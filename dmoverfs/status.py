@@ -57,3 +57,39 @@ def format_table(data: dict[str, Any]) -> str:
         if users["not_listed"]:
             lines.append(f"({users['not_listed']} more users)")
     return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    """A byte count in a few characters: 1234567 -> '1.2M'."""
+    for unit in ("", "K", "M", "G", "T"):
+        if n < 1000 or unit == "T":
+            return f"{n}" if not unit else f"{n:.1f}{unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)  # pragma: no cover - the loop always returns
+
+
+def _age(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def format_sessions(data: dict[str, Any]) -> str:
+    """The open sessions of a ``stats`` snapshot as a table, one row per session."""
+    sessions = data["sessions"]
+    header = (
+        f"{'SESSION':>7} {'PID':>7} {'COMMAND':<15} {'FUNCTION':<13} {'NB':<2} {'OUTST':>5} "
+        f"{'DONE':>9} {'FAILED':>7} {'BYTES':>8} {'AGE':>6} {'IDLE':>6}"
+    )
+    lines = [f"{sessions['open']} sessions open at {data['server']['mountpoint']}", header]
+    for row in sessions.get("listed", []):
+        lines.append(
+            f"{row['id']:>7} {row['pid']:>7} {row['command'][:15]:<15} {(row['function'] or '-')[:13]:<13} "
+            f"{'y' if row['nonblock'] else '-':<2} {row['outstanding']:>5} {row['completed']:>9} {row['failed']:>7} "
+            f"{_count(row['bytes']):>8} {_age(row['age_s']):>6} {_age(row['idle_s']):>6}"
+        )
+    if sessions.get("not_listed"):
+        lines.append(f"... and {sessions['not_listed']} more (stats lists the {len(sessions['listed'])} most recently active)")
+    return "\n".join(lines)

@@ -36,6 +36,19 @@ BIG = 64 << 20  # runs on a worker thread, not inline in write()
 WAIT_S = 30.0
 
 
+@pytest.fixture(autouse=True, params=["cffi", "ctypes"])
+def exporter(request):
+    """Every test with both ways of exporting buffers: cffi's (the full install) and ctypes' (the client alone).
+
+    Set by hand, not with monkeypatch: tests call monkeypatch.undo() for their own patches.
+    """
+    chosen = client._cffi_exporter() if request.param == "cffi" else client._CTYPES
+    assert chosen is not None, "cffi is missing: run scripts/setup"
+    before, client._EXPORTER = client._EXPORTER, chosen
+    yield chosen
+    client._EXPORTER = before
+
+
 def rand(size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
 
@@ -420,9 +433,16 @@ def test_results_of_all_outstanding_with_n_none(mnt):
 
 
 def test_unknown_function_is_esrch(mnt):
-    with pytest.raises(OSError) as info:
+    with pytest.raises(client.UnknownFunction) as info:
         Session(mnt, "no-such-function")
     assert info.value.errno == errno.ESRCH
+    # Code written against the plain errno keeps catching it.
+    assert isinstance(info.value, ProcessLookupError) and isinstance(info.value, LookupError)
+    # The message names the function, the mount, and what the mount offers (its func/ directory).
+    offered = sorted(os.listdir(mnt / "func"))
+    assert info.value.functions == offered and len(offered) >= 6
+    assert "'no-such-function'" in str(info.value) and str(mnt) in str(info.value)
+    assert ", ".join(offered) in str(info.value)
     for odd in ["", "..", "../stats", "a/b"]:
         with pytest.raises(OSError) as info:
             Session(mnt, odd)
@@ -430,8 +450,24 @@ def test_unknown_function_is_esrch(mnt):
 
 
 def test_missing_mount_is_enoent(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        Session(tmp_path / "nowhere", "zero")
+    for where in (tmp_path / "nowhere", tmp_path):  # missing, and a directory with no mount on it
+        with pytest.raises(client.NotMounted) as info:
+            Session(where, "zero")
+        assert isinstance(info.value, FileNotFoundError) and info.value.errno == errno.ENOENT
+        assert info.value.filename == str(where)
+        assert f"dmoverfs mount {where}" in str(info.value)
+        with pytest.raises(client.NotMounted):
+            client.functions(where)
+
+
+def test_a_mount_whose_server_died_says_so(server_factory):
+    server = server_factory()
+    server.proc.kill()
+    server.proc.wait()
+    with pytest.raises(client.MountGone) as info:
+        Session(server.mountpoint, "zero")
+    assert info.value.errno == errno.ENOTCONN and isinstance(info.value, client.DmoverfsError)
+    assert f"dmoverfs unmount {server.mountpoint}" in str(info.value)
 
 
 def test_lengths_mismatch_is_einval_at_submit(mnt):
@@ -503,14 +539,38 @@ def test_results_timeout_returns_what_is_ready(mnt):
         assert len(s.results(1, timeout=WAIT_S)) == 1
 
 
-def test_blocking_results_refuse_to_wait_forever(mnt):
-    with Session(mnt, "zero") as s:
-        with pytest.raises(ValueError, match="outstanding"):
-            s.results(1)
-        s.submit(bytearray(8))
-        with pytest.raises(ValueError):
-            s.results(2)
-        assert len(s.results(1)) == 1
+def waiting_reads(mnt) -> int:
+    """Session reads the server holds waiting now (its own count, not the client's)."""
+    return json.loads((mnt / "stats").read_text())["calls"]["waiting_reads"]
+
+
+def test_blocking_results_wait_for_requests_another_thread_submits_later(mnt):
+    """A consumer thread may ask for results before its producer has submitted anything."""
+    with Session(mnt, "fill8") as s:
+        got: list = []
+
+        def consume() -> None:
+            try:
+                got.extend(s.results(2))
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                got.append(exc)
+
+        baseline = waiting_reads(mnt)
+        consumer = threading.Thread(target=consume)
+        consumer.start()
+        deadline = time.monotonic() + WAIT_S
+        while waiting_reads(mnt) == baseline and consumer.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert consumer.is_alive(), got  # waiting in the server, not refused
+        bufs = [bytearray(64), bytearray(64)]
+        ids = [s.submit(bufs[0], immediate=7), s.submit(bufs[1], immediate=9)]
+        consumer.join(WAIT_S)
+        if consumer.is_alive():  # never leave it blocked: give it what it waits for, then fail
+            s.submit_many(Request(bytearray(8)) for _ in range(2))
+            consumer.join(WAIT_S)
+            pytest.fail("results(2) did not return once two requests were submitted")
+        assert sorted(r.check().id for r in got) == sorted(ids)
+        assert bufs == [bytearray(b"\x07" * 64), bytearray(b"\x09" * 64)]
 
 
 def test_results_wait_for_a_worker(mnt):
@@ -792,11 +852,21 @@ def test_aresults_cancelled_loses_nothing(mnt):
     trio.run(main)
 
 
-def test_aresults_refuses_to_wait_forever(mnt):
+def test_aresults_waits_for_requests_another_task_submits_later(mnt):
     async def main() -> None:
         with Session(mnt, "zero") as s:
-            with pytest.raises(ValueError):
-                await s.aresults(1)
+            got: list[Result] = []
+
+            async def consume() -> None:
+                got.extend(await s.aresults(1))
+
+            with trio.move_on_after(WAIT_S):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(consume)
+                    await trio.sleep(0.05)  # the consumer is waiting, nothing submitted
+                    assert not got
+                    rid = s.submit(bytearray(16))
+            assert [r.check().id for r in got] == [rid]
 
     trio.run(main)
 

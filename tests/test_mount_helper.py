@@ -334,6 +334,20 @@ def test_mount_failure_is_reported_by_mount(in_default_path, mnt):
     assert not mounting.is_mounted(mnt)
 
 
+def test_a_non_empty_directory_needs_the_nonempty_option(in_default_path, mnt, tmp_path):
+    """A mount would hide the directory's files: refused by name unless -o nonempty asks for it."""
+    (mnt / "kept").write_text("still here")
+    log = tmp_path / "server.log"
+    refused = sh("mount", "-t", "fuse.dmoverfs", "dmoverfs", str(mnt), "-o", f"log_file={log}", check=False)
+    assert refused.returncode != 0 and "is not empty" in refused.stderr and "nonempty" in refused.stderr
+    assert not mounting.is_mounted(mnt)
+    sh("mount", "-t", "fuse.dmoverfs", "dmoverfs", str(mnt), "-o", f"nonempty,log_file={log}")
+    check_working_mount(mnt)
+    assert not (mnt / "kept").exists()  # hidden while mounted
+    sh("umount", str(mnt))
+    assert (mnt / "kept").read_text() == "still here"
+
+
 def test_unknown_backend_fails_the_mount(in_default_path, mnt, tmp_path):
     log = tmp_path / "server.log"
     result = sh("mount", "-t", "fuse.dmoverfs", "dmoverfs", str(mnt), "-o", f"backend=nosuch,log_file={log}", check=False)

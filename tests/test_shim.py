@@ -714,7 +714,8 @@ def test_exec_prepends_the_shim_and_sets_the_device(mnt, tmp_path, shim):
 
 def test_exec_errors(mnt, tmp_path):
     proc = dmoverfs("exec", "--mountpoint", str(tmp_path), "--", "true")
-    assert proc.returncode == 1 and proc.stderr == f"dmoverfs: no dmoverfs mount at {tmp_path} (dmoverfs mount {tmp_path})\n"
+    assert proc.returncode == 1
+    assert proc.stderr == f"dmoverfs: {tmp_path} is not a dmoverfs mount; mount one with: dmoverfs mount {tmp_path}\n"
     proc = dmoverfs("exec", "--mountpoint", str(mnt))
     assert proc.returncode == 1 and "no program given" in proc.stderr
     proc = dmoverfs("exec", "--mountpoint", str(mnt), "--", str(tmp_path / "no-such-program"))

@@ -537,6 +537,7 @@ dm_core_count(dm_core *c, const struct dm_req *r, int err)
 {
 	struct dm_fstats *f;
 
+	dm_sess_count(r->sess, err, r->total);
 	if (r->func < 0)
 		return;		/* a function the table lacks: its back-end counts it */
 	f = &c->fstats[r->func];

@@ -94,6 +94,19 @@ struct dm_core_stats {
 	uint64_t shared_runs;		/* requests run directly on registered shared memory */
 };
 
+/* One session's state and counters (cumulative since it was opened). */
+struct dm_sess_stats {
+	uint32_t outstanding;		/* accepted, response not yet taken */
+	uint32_t ready;			/* completed, response not yet taken */
+	int func;			/* table index, -1 for none or an external one the table lacks */
+	int external;			/* 1: its requests go to a back-end of the server */
+	int nonblock;			/* the nonblock attribute */
+	uint64_t completed;		/* requests finished with resp_error == 0 */
+	uint64_t failed;		/* requests finished with resp_error != 0 */
+	uint64_t bytes;			/* bytes of output (or input) of the completed ones */
+	int64_t atime_ns, mtime_ns, ctime_ns;	/* last read, last write, open (ns since the epoch) */
+};
+
 /* A request of an external session (see dm_sess_set_external). */
 typedef struct dm_req dm_req;
 
@@ -173,6 +186,8 @@ void dm_sess_set_nonblock(dm_sess *s, int on);
 int dm_sess_nonblock(dm_sess *s);
 /* Times in ns since the epoch: [0] last read, [1] last write, [2] open. */
 void dm_sess_times(dm_sess *s, int64_t *times);
+/* A snapshot of the session's state and counters. */
+void dm_sess_stats(dm_sess *s, struct dm_sess_stats *out);
 /* 1 once after a write of the session met EPERM (the server explains it). */
 int dm_sess_take_eperm(dm_sess *s);
 /* Calls waiting now: [0] reads, [1] writes, [2] poll handles. */

@@ -317,6 +317,8 @@ struct dm_sess {
 	unsigned npolls, cpolls;
 	atomic_bool nonblock;		/* the nonblock attribute: every call is non-blocking */
 	atomic_int_fast64_t atime_ns, mtime_ns, ctime_ns;	/* last read, last write, open */
+	/* What the session's requests did, cumulative (dm_sess_stats). */
+	atomic_uint_fast64_t completed, failed, bytes;
 	dm_sess *nprev, *nnext;		/* notify list (core->mu) */
 	dm_sess *sprev, *snext;		/* all sessions (core->mu) */
 	struct dmio_usrresp ring[];	/* depth entries */
@@ -338,6 +340,8 @@ size_t dm_sess_take_some(dm_sess *s, void *resps, size_t max, size_t min);
 const struct dm_func *dm_sess_fn(dm_sess *s, int *func, bool *external);
 /* A worker finished r: deliver or discard its response, drop r's reference. */
 void dm_sess_finish(dm_sess *s, const struct dmio_usrresp *resp);
+/* One request of s finished with err after moving bytes (for dm_sess_stats). */
+void dm_sess_count(dm_sess *s, int err, uint64_t bytes);
 /* Free a session (refs gone, or the core is going away). */
 void dm_sess_destroy(dm_sess *s);
 

@@ -45,6 +45,9 @@ dm_sess_open(dm_core *core, uint64_t id, int pid, int pidfd, uint32_t uid, unsig
 	atomic_init(&s->atime_ns, now);
 	atomic_init(&s->mtime_ns, now);
 	atomic_init(&s->ctime_ns, now);
+	atomic_init(&s->completed, 0);
+	atomic_init(&s->failed, 0);
+	atomic_init(&s->bytes, 0);
 	/* Last: from here on the core's threads can see it. */
 	if ((*err = dm_core_attach(core, s, uid)) != 0) {
 		if (s->opener != NULL) {
@@ -488,4 +491,32 @@ dm_sess_waiting(dm_sess *s, unsigned *counts)
 	pthread_mutex_unlock(&c->iomu);
 	counts[0] = reads;
 	counts[1] = writes;
+}
+
+void
+dm_sess_count(dm_sess *s, int err, uint64_t bytes)
+{
+	if (err == 0) {
+		atomic_fetch_add(&s->completed, 1);
+		atomic_fetch_add(&s->bytes, bytes);
+	} else
+		atomic_fetch_add(&s->failed, 1);
+}
+
+void
+dm_sess_stats(dm_sess *s, struct dm_sess_stats *out)
+{
+	pthread_mutex_lock(&s->mu);
+	out->outstanding = s->outstanding;
+	out->ready = s->ready;
+	out->func = s->func;
+	out->external = s->external;
+	pthread_mutex_unlock(&s->mu);
+	out->nonblock = atomic_load(&s->nonblock);
+	out->completed = atomic_load(&s->completed);
+	out->failed = atomic_load(&s->failed);
+	out->bytes = atomic_load(&s->bytes);
+	out->atime_ns = atomic_load(&s->atime_ns);
+	out->mtime_ns = atomic_load(&s->mtime_ns);
+	out->ctime_ns = atomic_load(&s->ctime_ns);
 }

@@ -281,6 +281,13 @@ class CoreSession:
         lib.dm_sess_times(self._ptr, t)
         return t[0], t[1], t[2]
 
+    def stats(self) -> dict[str, int]:
+        """The session's state and counters: outstanding, ready, nonblock, completed, failed, bytes, times (ns)."""
+        out = ffi.new("struct dm_sess_stats *")
+        lib.dm_sess_stats(self._ptr, out)
+        names = ("outstanding", "ready", "nonblock", "completed", "failed", "bytes", "atime_ns", "mtime_ns", "ctime_ns")
+        return {name: int(getattr(out, name)) for name in names}
+
     def take_eperm(self) -> int:
         """Once after a write of this session met EPERM: the writing thread's id (else 0)."""
         return max(0, lib.dm_sess_take_eperm(self._ptr))

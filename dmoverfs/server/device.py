@@ -20,7 +20,7 @@ import trio
 from dmoverfs.backends import BuiltinBackend, Dispatcher, Registry
 from dmoverfs.server import stats
 from dmoverfs.server.core import Core, Function
-from dmoverfs.server.process import Client, thread_group
+from dmoverfs.server.process import Client, command_name, thread_group
 from dmoverfs.server.session import Session
 from dmoverfs.server.transport import Transport
 from dmoverfs.tunables import Tunables
@@ -85,7 +85,8 @@ class Device:
             raise OSError(errno.ENXIO, "the server is shutting down")
         # Requests act on the memory of whoever writes them; the opener is for
         # stats, and its uid is the user the caps and the scheduler count.
-        client = Client(pid=thread_group(ctx.pid), uid=ctx.uid, gid=ctx.gid)
+        pid = thread_group(ctx.pid)
+        client = Client(pid=pid, uid=ctx.uid, gid=ctx.gid, command=command_name(pid))
         core_session = self.core.session(sid, self.tunables.queue_depth, ctx.uid)
         session = Session(sid, core_session, client, self.tunables.queue_depth)
         if preset is not None:

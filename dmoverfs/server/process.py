@@ -14,6 +14,8 @@ class Client:
     pid: int
     uid: int
     gid: int
+    #: Its command name when it opened the session (``/proc/PID/comm``), for ``stats``.
+    command: str = ""
 
 
 def thread_group(tid: int) -> int:
@@ -31,6 +33,15 @@ def thread_group(tid: int) -> int:
     except (FileNotFoundError, ProcessLookupError):
         pass
     raise OSError(errno.ESRCH, f"thread {tid} has no process")
+
+
+def command_name(pid: int) -> str:
+    """The command name of process *pid* (``/proc/PID/comm``), or "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().rstrip(b"\n").decode("utf-8", "replace")
+    except OSError:
+        return ""
 
 
 def open_pidfd(pid: int) -> int:

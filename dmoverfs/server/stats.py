@@ -10,6 +10,10 @@ from dmoverfs import __version__
 
 if TYPE_CHECKING:
     from dmoverfs.server.device import Device
+    from dmoverfs.server.session import Session
+
+#: Sessions listed in ``stats`` at most (the most recently active); the rest are only counted.
+SESSIONS_LISTED = 100
 
 
 def snapshot(device: Device) -> dict[str, Any]:
@@ -30,6 +34,7 @@ def snapshot(device: Device) -> dict[str, Any]:
         "sessions": {
             "open": len(sessions),
             "total": device.counters.sessions_total,
+            **_session_list(sessions),
         },
         "inodes": device.inode_count(),
         "requests": {
@@ -61,6 +66,40 @@ def _users(device: Device) -> dict[str, Any]:
     """Each user's share of the caps: sessions, outstanding requests, metadata, refusals."""
     listed, count = device.core.users(USERS_LISTED)
     return {"count": count, "not_listed": count - len(listed), "listed": listed}
+def _session_list(sessions: list[Session]) -> dict[str, Any]:
+    """The open sessions, each with its opener, function, queue and counters; at most SESSIONS_LISTED."""
+    now = time.time_ns()
+    rows = []
+    for session in sessions:
+        if session.closed:
+            continue
+        st = session.core.stats()
+        last = max(st["atime_ns"], st["mtime_ns"], st["ctime_ns"])
+        rows.append(
+            (
+                last,
+                {
+                    "id": session.sid,
+                    "pid": session.client.pid,
+                    "command": session.client.command,
+                    "uid": session.client.uid,
+                    "function": session.function.name if session.function else None,
+                    "nonblock": bool(st["nonblock"]),
+                    "outstanding": st["outstanding"],
+                    "ready": st["ready"],
+                    "completed": st["completed"],
+                    "failed": st["failed"],
+                    "bytes": st["bytes"],
+                    "files": len(session.files),
+                    "age_s": round((now - st["ctime_ns"]) / 1e9, 3),
+                    "idle_s": round(max(0, now - last) / 1e9, 3),
+                },
+            )
+        )
+    # The most recently active first when capped; listed in the order they were opened.
+    rows.sort(key=lambda row: row[0], reverse=True)
+    listed = sorted((row for _, row in rows[:SESSIONS_LISTED]), key=lambda row: row["id"])
+    return {"listed": listed, "not_listed": max(0, len(rows) - SESSIONS_LISTED)}
 
 
 def _transport(device: Device) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+../../dmoverfs/__init__.py

@@ -1,0 +1,1 @@
+../../dmoverfs/client.py
