@@ -66,6 +66,8 @@ def _users(device: Device) -> dict[str, Any]:
     """Each user's share of the caps: sessions, outstanding requests, metadata, refusals."""
     listed, count = device.core.users(USERS_LISTED)
     return {"count": count, "not_listed": count - len(listed), "listed": listed}
+
+
 def _session_list(sessions: list[Session]) -> dict[str, Any]:
     """The open sessions, each with its opener, function, queue and counters; at most SESSIONS_LISTED."""
     now = time.time_ns()

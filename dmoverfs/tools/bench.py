@@ -562,7 +562,7 @@ class Bench:
         r = self.s.rounds
         runs = {1: 3 * r, 2: 3 * r, 3: 2 * r, 4: 2 * r, 5: 3 * r, 6: 4 * r, 7: 4 * r, 8: 5 * r, 9: 6}
         runs[10] = len(self.s.copy_sizes) * r  # one client run gives both series
-        runs[11] = 2 * (len(bench_shared.FUNCTIONS) + 1) * r
+        runs[11] = 2 * (2 * len(bench_shared.FUNCTIONS) + 1) * r
         return [(g, runs[g]) for g in sorted(self.s.only)]
 
     def run(self) -> list[Figure]:
@@ -759,25 +759,30 @@ class Bench:
         split = size * bench_shared.SPLIT_FACTOR
         benches = [bench_shared.SharedBench(str(one.mountpoint), size), bench_shared.SharedBench(str(two.mountpoint), split)]
         try:
-            runs = []  # (key, title, target, request, peer, bytes per run) of each figure
+            # (key, title, target, request, its bytes per run, peer, its bytes per run) of each figure
+            runs = []
+            queued = bench_shared.IN_FLIGHT
             for func in bench_shared.FUNCTIONS:
-                title = f"{human_size(size)} {func}, shared buffers, 1 worker"
-                request, peer = benches[0].request(func), benches[0].peer(func)
-                runs.append((f"11-{func}", title, bench_shared.ONE_WORKER_TARGET, request, peer, size))
-            title = f"{human_size(split)} copy, shared buffers, 2 workers"
-            request, peer = benches[1].request("copy"), benches[1].peer("copy")
-            runs.append(("11-split", title, bench_shared.SPLIT_TARGET, request, peer, split))
-            series = [(Series(f"dmoverfs shared, {t.rsplit(', ', 1)[1]}"), Series(p.name)) for _, t, _, _, p, _ in runs]
+                peer = benches[0].peer(func)
+                title = f"{human_size(size)} {func}, shared buffers, 1 worker, {queued} in flight"
+                request = benches[0].request(func, queued)
+                runs.append((f"11-{func}", title, bench_shared.ONE_WORKER_TARGET, request, queued * size, peer, size))
+                title = f"{human_size(size)} {func}, shared buffers, 1 worker, one at a time (context)"
+                runs.append((f"11-{func}-1", title, None, benches[0].request(func), size, peer, size))
+            title = f"{human_size(split)} copy, shared buffers, 2 workers, 2 in flight"
+            request, peer = benches[1].request("copy", 2), benches[1].peer("copy")
+            runs.append(("11-split", title, bench_shared.SPLIT_TARGET, request, 2 * split, peer, split))
+            series = [(Series(f"dmoverfs shared, {run[1].split(', ', 2)[2]}"), Series(run[5].name)) for run in runs]
             pairs = []
-            for (value, reference), (_, _, _, request, peer, n) in zip(series, runs):
+            for (value, reference), (_, _, _, request, n, peer, peer_n) in zip(series, runs):
                 pairs.append((value, functools.partial(bench_shared.timed, request, n, self.s.seconds)))
-                pairs.append((reference, functools.partial(bench_shared.timed, peer.run, n, self.s.seconds)))
+                pairs.append((reference, functools.partial(bench_shared.timed, peer.run, peer_n, self.s.seconds)))
             self.alternate(f"fig 11: shared buffers, {human_size(size)} and {human_size(split)}", pairs, "MB/s")
         finally:
             for bench in benches:
                 bench.close()
-        for (value, reference), (key, title, target, _, peer, _) in zip(series, runs):
-            note = f"one request at a time from a Python client; reference: {peer.name} in the client, same size"
+        for (value, reference), (key, title, target, _, _, peer, _) in zip(series, runs):
+            note = f"requests from a Python client; reference: {peer.name} in the client, same size"
             self.figures.append(Figure(key, 11, title, "MB/s", value, reference, target, note=note))
 
     # -- figure 8: what a Python user would otherwise reach for
