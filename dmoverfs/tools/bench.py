@@ -766,16 +766,17 @@ class Bench:
                 peer = benches[0].peer(func)
                 title = f"{human_size(size)} {func}, shared buffers, 1 worker, {queued} in flight"
                 request = benches[0].request(func, queued)
-                runs.append((f"11-{func}", title, bench_shared.ONE_WORKER_TARGET, request, queued * size, peer, size))
+                runs.append((f"11-{func}", title, bench_shared.ONE_WORKER_TARGET, request, size, peer, size))
                 title = f"{human_size(size)} {func}, shared buffers, 1 worker, one at a time (context)"
                 runs.append((f"11-{func}-1", title, None, benches[0].request(func), size, peer, size))
             title = f"{human_size(split)} copy, shared buffers, 2 workers, 2 in flight"
             request, peer = benches[1].request("copy", 2), benches[1].peer("copy")
-            runs.append(("11-split", title, bench_shared.SPLIT_TARGET, request, 2 * split, peer, split))
+            runs.append(("11-split", title, bench_shared.SPLIT_TARGET, request, split, peer, split))
             series = [(Series(f"dmoverfs shared, {run[1].split(', ', 2)[2]}"), Series(run[5].name)) for run in runs]
             pairs = []
-            for (value, reference), (_, _, _, request, n, peer, peer_n) in zip(series, runs):
-                pairs.append((value, functools.partial(bench_shared.timed, request, n, self.s.seconds)))
+            for (value, reference), (key, _, _, request, n, peer, peer_n) in zip(series, runs):
+                drain = benches[1 if key == "11-split" else 0].drain
+                pairs.append((value, functools.partial(bench_shared.timed, request, n, self.s.seconds, drain)))
                 pairs.append((reference, functools.partial(bench_shared.timed, peer.run, peer_n, self.s.seconds)))
             self.alternate(f"fig 11: shared buffers, {human_size(size)} and {human_size(split)}", pairs, "MB/s")
         finally:

@@ -25,9 +25,10 @@ from dmoverfs import client
 #: The functions measured with one worker, and the ratio each must reach.
 FUNCTIONS = ("copy", "fill8", "xor2", "xor16", "iscsi-crc32c")
 ONE_WORKER_TARGET = 0.9
-#: Requests a client keeps in flight, as an asynchronous mover is used: the
-#: worker goes from one to the next while the client waits for the first, so a
-#: round trip's fixed cost (about 0.1 ms through FUSE) is not paid per request.
+#: Requests a client keeps in flight, as an asynchronous mover is used: each
+#: completion read is followed by a new request, so the worker goes from one to
+#: the next and a round trip's fixed cost (about 0.1 ms through FUSE) is not
+#: paid per request.
 IN_FLIGHT = 4
 #: A copy this many times the figure's size, split across two workers, against one memmove.
 SPLIT_FACTOR = 4
@@ -53,8 +54,10 @@ def _address(buf: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
-def timed(fn: Callable[[], None], nbytes: int, seconds: float) -> float:
-    """MB/s of *fn*, which moves *nbytes* a call, over at least *seconds* (after one warm-up call)."""
+def timed(fn: Callable[[], None], nbytes: int, seconds: float, drain: Callable[[], None] | None = None) -> float:
+    """MB/s of *fn*, which moves *nbytes* a call, over at least *seconds* (after one warm-up call);
+    *drain*, if given, then waits for what *fn* left running, so that nothing of it overlaps
+    the next measurement."""
     fn()
     count, t0 = 0, time.perf_counter()
     while True:
@@ -62,6 +65,8 @@ def timed(fn: Callable[[], None], nbytes: int, seconds: float) -> float:
         count += 1
         t = time.perf_counter()
         if t - t0 >= seconds:
+            if drain is not None:
+                drain()
             return count * nbytes / (t - t0) / 1e6
 
 
@@ -72,11 +77,13 @@ class SharedBench:
         self.size = size
         self.isal = _isal()
         self.sessions: dict[str, client.Session] = {}
+        self.pending: dict[str, int] = {}  # requests submitted and not yet waited for, by function
         self.shared: list[client.SharedBuffer] = []
         self.mountpoint = mountpoint
 
     def session(self, func: str) -> client.Session:
         if func not in self.sessions:
+            self.pending[func] = 0
             self.sessions[func] = client.Session(self.mountpoint, "copy" if func == "reference" else func)
         return self.sessions[func]
 
@@ -95,7 +102,8 @@ class SharedBench:
         return self.buffers("reference", count)
 
     def request(self, func: str, in_flight: int = 1) -> Callable[[], None]:
-        """*in_flight* requests of *func* on the same shared buffers, submitted and waited for."""
+        """A run: one request of *func* on shared buffers completes, with *in_flight* kept
+        submitted (a sliding window: the run tops it up, then waits for the oldest)."""
         s = self.session(func)
         ninputs = 0 if func == "fill8" else 16 if func == "xor16" else 2 if func == "xor2" else 1
         has_output = func != "iscsi-crc32c"
@@ -105,10 +113,11 @@ class SharedBench:
         immediate = 0xA5 if func == "fill8" else 0
 
         def run() -> None:
-            for _ in range(in_flight):
+            while self.pending[func] < in_flight:
                 s.submit(out, inputs, immediate)
-            for result in s.results(in_flight):
-                result.check()
+                self.pending[func] += 1
+            s.results(1)[0].check()
+            self.pending[func] -= 1
 
         return run
 
@@ -151,7 +160,15 @@ class SharedBench:
         view = memoryview(data)
         return Peer(f"google-crc32c ({google_crc32c.implementation})", lambda: google_crc32c.value(view))
 
+    def drain(self) -> None:
+        """Wait for every request still in flight."""
+        for func, n in self.pending.items():
+            if n:
+                self.sessions[func].results(n)
+                self.pending[func] = 0
+
     def close(self) -> None:
+        self.drain()  # before the buffers the requests use go
         for buf in self.shared:
             buf.close()
         for s in self.sessions.values():
