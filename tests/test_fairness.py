@@ -68,6 +68,19 @@ def assert_nothing_left(base: Path, users_before: set[str]) -> None:
     assert fairness_users() <= users_before, f"users left behind: {fairness_users() - users_before}"
 
 
+def quick_run(base: Path, out: Path, reference: str) -> dict:
+    """A --quick --json run against the reference server options *reference*; its JSON."""
+    result = subprocess.run(
+        [*FAIRNESS, "--quick", "--json", "--out", str(out), "--reference-options", reference],
+        capture_output=True,
+        text=True,
+        env=run_env(base),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    return json.loads(result.stdout)
+
+
 def positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
@@ -75,15 +88,7 @@ def positive(value) -> bool:
 def test_quick_run_reports_every_figure(base, tmp_path):
     out = tmp_path / "out"
     users_before = fairness_users()
-    result = subprocess.run(
-        [*FAIRNESS, "--quick", "--json", "--out", str(out), "--reference-options", "--queue-depth 64"],
-        capture_output=True,
-        text=True,
-        env=run_env(base),
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr + result.stdout
-    data = json.loads(result.stdout)
+    data = quick_run(base, out, "--queue-depth 64")
     assert data == json.loads((out / "fairness.json").read_text())
     assert data["settings"]["quick"] is True
 
@@ -179,15 +184,7 @@ def test_interrupted_mid_attack_cleans_up(base, tmp_path):
 
 def test_a_refused_reference_mount_is_reported_not_measured(base, tmp_path):
     users_before = fairness_users()
-    result = subprocess.run(
-        [*FAIRNESS, "--quick", "--json", "--out", str(tmp_path), "--reference-options", "--no-such-tunable 0"],
-        capture_output=True,
-        text=True,
-        env=run_env(base),
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr + result.stdout
-    data = json.loads(result.stdout)
+    data = quick_run(base, tmp_path, "--no-such-tunable 0")
     assert not data["slicing"]["measured"] and data["slicing"]["rows"] == []
     assert "the server refused --no-such-tunable 0" in data["slicing"]["reason"]
     assert "--no-such-tunable" in data["slicing"]["reason"].split(":", 1)[1]  # the server's own words
