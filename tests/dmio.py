@@ -6,6 +6,7 @@ request points at is kept alive in the Request until its response is read.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import time
@@ -142,6 +143,11 @@ def errno_of(fn, *args) -> int:
     except OSError as exc:
         return exc.errno
     raise AssertionError(f"{fn.__name__}{args!r} succeeded")
+
+
+def stats(mnt: Path) -> dict:
+    """The mount's ``stats`` file, parsed."""
+    return json.loads((mnt / "stats").read_bytes())
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:

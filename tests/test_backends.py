@@ -9,7 +9,6 @@ installing anything.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from dmio import (
     raw_request,
     request,
     run,
+    stats,
     submit,
     whole,
 )
@@ -47,10 +47,6 @@ def env_with(*dirs: Path) -> dict[str, str]:
     if os.environ.get("PYTHONPATH"):
         path.append(os.environ["PYTHONPATH"])
     return {"PYTHONPATH": os.pathsep.join(path)}
-
-
-def stats(mnt: Path) -> dict:
-    return json.loads((mnt / "stats").read_bytes())
 
 
 def imm(name: str) -> bytes:

@@ -9,7 +9,6 @@ wait has a deadline, and the fixture aborts a mount that stops answering.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import select
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import Server, temp_root
-from dmio import REQ, RESP, collect, open_session, parse, request, submit, wait_for, whole
+from dmio import REQ, RESP, collect, open_session, parse, request, stats, submit, wait_for, whole
 from programs import Rescue
 from users import LineProcess, TempUser, make_user
 
@@ -32,10 +31,6 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 DEADLINE_S = 60.0
 IOV_MAX = 1024
-
-
-def stats(mnt: Path) -> dict:
-    return json.loads((mnt / "stats").read_bytes())
 
 
 def ready_within(fd: int, timeout: float) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import mmap
 import os
 import resource
@@ -15,13 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dmio import collect, errno_of, open_session, parse, request, run, submit, whole
+from dmio import collect, errno_of, open_session, parse, request, run, stats, submit, whole
 
 SERVED_WITHIN_S = 1.0
-
-
-def stats(mnt: Path) -> dict:
-    return json.loads((mnt / "stats").read_text())
 
 
 def rss_bytes(pid: int) -> int:

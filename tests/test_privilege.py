@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Server, temp_root
-from dmio import wait_for
+from dmio import stats, wait_for
 from dmoverfs import mounting
 from programs import Builder
 from users import LineProcess, TempUser, cmdline, fuse_conf, kill_and_wait, make_user, pids_of_uid
@@ -188,10 +188,6 @@ def ids(pid: int) -> dict[str, list[int]]:
             elif key == "CapEff":
                 out[key] = int(value, 16)
     return out
-
-
-def stats(mnt: Path) -> dict:
-    return json.loads((mnt / "stats").read_text())
 
 
 def exited(pid: int, timeout: float = 10.0) -> bool:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import codecs
 import errno
 import fcntl
-import json
 import os
 import select
 import threading
@@ -39,6 +38,7 @@ from dmio import (
     parse,
     raw_request,
     request,
+    stats,
     submit,
     wait_for,
     whole,
@@ -51,10 +51,6 @@ AT_ONCE_S = 2.0
 UNMAPPED = 0x1000
 DEPTH = 64  # the default queue depth, DMIO_NREQS_MAX
 FUSE_WAIT = "request_wait_answer"
-
-
-def stats(mnt: Path) -> dict:
-    return json.loads((mnt / "stats").read_bytes())
 
 
 def zero_requests(first_id: int, bufs: list[np.ndarray]) -> list:

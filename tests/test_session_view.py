@@ -18,6 +18,8 @@ from collections.abc import Iterator
 
 from test_status import Watcher
 
+from dmio import stats
+
 #: A client process: does the work its arguments ask for, prints "ready", waits for stdin to close.
 CLIENT = """
 import os, sys
@@ -66,10 +68,6 @@ def clients(mnt, *specs: tuple) -> Iterator[list[subprocess.Popen]]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def stats(mnt) -> dict:
-    return json.loads((mnt / "stats").read_text())
 
 
 def comm(pid: int) -> str:

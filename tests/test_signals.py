@@ -7,7 +7,6 @@ sends a real signal.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from dmio import stats
 
 TESTS = Path(__file__).resolve().parent
 #: The deadlines of SPEC.md: a killed client is gone, an interrupted call returns, within a second.
@@ -73,10 +74,6 @@ def wait_blocked_in_fuse(pid: int, timeout: float = 10.0) -> None:
                 pass
         time.sleep(0.01)
     raise AssertionError(f"process {pid} never blocked in a FUSE request")
-
-
-def stats(mnt: Path) -> dict:
-    return json.loads((mnt / "stats").read_text())
 
 
 def settled(mnt: Path, timeout: float = 10.0) -> dict:

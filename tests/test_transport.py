@@ -15,7 +15,6 @@ is aborted through fusectl (:class:`programs.Rescue`) so the run never hangs.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import resource
 import signal
@@ -29,7 +28,7 @@ import numpy as np
 import pytest
 
 from conftest import Server
-from dmio import RESP, collect, errno_of, open_session, raw_request, request, submit, wait_for, whole
+from dmio import RESP, collect, errno_of, open_session, raw_request, request, stats, submit, wait_for, whole
 from dmoverfs import mounting
 from programs import (
     FUSE_WAIT,
@@ -90,10 +89,6 @@ def watched(rescue: Rescue, srv: Server) -> Path:
 
 def fields(line: str) -> list[str]:
     return line.split()
-
-
-def stats(mnt: Path) -> dict:
-    return json.loads((mnt / "stats").read_bytes())
 
 
 # -- O_NONBLOCK without the preload shim --------------------------------------------------------

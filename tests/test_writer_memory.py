@@ -21,7 +21,6 @@ daemon they leave behind) and aborts a mount that stops answering.
 
 from __future__ import annotations
 
-import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Server
-from dmio import wait_for
+from dmio import stats, wait_for
 from programs import Builder, Child, Rescue
 
 #: What the programs report a buffer holds (writer.h): its byte in hex when every byte is the same.
@@ -61,11 +60,6 @@ def rescue(server: Server, server_factory) -> Iterator[Rescue]:  # noqa: ANN001 
     problems = guard.close()
     if problems:
         pytest.fail("cleanup had to force its way: " + "; ".join(problems))
-
-
-def stats(mnt: Path) -> dict:
-    """The mount's stats file."""
-    return json.loads((mnt / "stats").read_bytes())
 
 
 def words(child: Child, key: str, timeout: float = STEP_S) -> list[str]:
