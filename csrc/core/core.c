@@ -652,23 +652,17 @@ dm_core_users(dm_core *c, struct dm_user_stats *out, size_t max, size_t *total)
 	for (struct dm_user *u = c->users; u != NULL; u = u->next)
 		cap++;
 	all = calloc(cap ? cap : 1, sizeof(*all));
+	pthread_mutex_lock(&c->qmu);	/* queued is the scheduler's */
 	for (struct dm_user *u = c->users; all != NULL && u != NULL; u = u->next)
 		all[n++] = (struct dm_user_stats){ .uid = u->uid, .sessions = u->sessions,
 		    .outstanding = atomic_load(&u->outstanding), .meta_bytes = atomic_load(&u->meta_bytes),
-		    .refused = atomic_load(&u->refused) };
+		    .queued = u->queued, .refused = atomic_load(&u->refused) };
+	pthread_mutex_unlock(&c->qmu);
 	pthread_mutex_unlock(&c->mu);
 	if (total != NULL)
 		*total = cap;
 	if (all == NULL)
 		return 0;
-	/* queued is the scheduler's (qmu): a user found above may have gone
-	 * since, so it is looked up by uid. */
-	pthread_mutex_lock(&c->qmu);
-	for (struct dm_user *u = c->rhead; u != NULL; u = u->rnext)
-		for (size_t i = 0; i < n; i++)
-			if (all[i].uid == u->uid)
-				all[i].queued = u->queued;
-	pthread_mutex_unlock(&c->qmu);
 	qsort(all, n, sizeof(*all), by_outstanding);
 	if (n > max)
 		n = max;

@@ -2,12 +2,13 @@
  * dmint.h - private structures of the core, shared by its source files.
  *
  * Locking: a session's fields are guarded by its mu unless noted; the core's
- * session list, notify list and each session's notify links by core->mu; the
- * worker queue and the pump queue by core->qmu; every session call (parked
- * reads and writes, poll handles, the list of live calls) by core->iomu.
- * Lock order: core->iomu, then sess->mu, then core->mu.  The inline execution
- * context of the Python-facing calls (and the decode scratch in it) is used
- * under core->submit_mu; the server's threads bring contexts of their own.
+ * session list, user list, notify list and each session's notify links by
+ * core->mu; the scheduler's queues and rings (sched.c) by core->qmu; every
+ * session call (parked reads and writes, poll handles, the list of live
+ * calls) by core->iomu.  Lock order: core->iomu, then sess->mu, then
+ * core->mu, then core->qmu.  The inline execution context of the
+ * Python-facing calls (and the decode scratch in it) is used under
+ * core->submit_mu; the server's threads bring contexts of their own.
  * Counters are atomics.
  */
 #ifndef DMINT_H
