@@ -1213,14 +1213,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--floor-mt", action="store_true", help="serve the floor with fuse_session_loop_mt (default one thread)")
 
 
+def given_settings(args: argparse.Namespace, quick: dict, min_seconds: float) -> dict:
+    """The settings every benchmark tool takes from its command line: the --quick preset
+    (*quick*), and --seconds (at least *min_seconds*)."""
+    given: dict = dict(quick) if args.quick else {}
+    given["quick"] = bool(args.quick)
+    if args.seconds is not None:
+        given["seconds"] = max(min_seconds, args.seconds)
+    return given
+
+
 def main(args: argparse.Namespace) -> int:
     """``dmoverfs bench``."""
-    given: dict = dict(QUICK) if args.quick else {}
-    given["quick"] = bool(args.quick)
+    given = given_settings(args, QUICK, 0.001)
     if args.rounds is not None:
         given["rounds"] = max(1, args.rounds)
-    if args.seconds is not None:
-        given["seconds"] = max(0.001, args.seconds)
     if args.only:
         try:
             only = frozenset(int(x) for x in args.only.split(","))

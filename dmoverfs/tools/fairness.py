@@ -54,7 +54,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dmoverfs import __version__, mounting
-from dmoverfs.tools.bench import BENCH_SRC, CFLAGS, INCLUDE_DIR, INTERRUPTS, BenchError, MiB, Mount, human_size
+from dmoverfs.tools.bench import (
+    BENCH_SRC,
+    CFLAGS,
+    INCLUDE_DIR,
+    INTERRUPTS,
+    BenchError,
+    MiB,
+    Mount,
+    given_settings,
+    human_size,
+)
 
 GiB = 1 << 30
 SMALL = 4096
@@ -849,10 +859,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    given: dict = dict(QUICK) if args.quick else {}
-    given["quick"] = bool(args.quick)
-    if args.seconds is not None:
-        given["seconds"] = max(0.01, args.seconds)
+    given = given_settings(args, QUICK, 0.01)
     if args.wait_limit is not None:
         given["wait_limit"] = max(0.1, args.wait_limit)
     if args.monopoly_regions is not None:
