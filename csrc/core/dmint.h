@@ -450,7 +450,6 @@ struct dm_core {
 	pthread_mutex_t qmu;
 	pthread_cond_t qcv;
 	struct dm_user *rhead, *rtail;	/* users with work queued (qmu) */
-	size_t nready;			/* sessions with work queued (qmu) */
 	uint64_t slices;		/* items workers ran (qmu) */
 	uint64_t slice_bytes;		/* of a request a worker runs at once; 0: all */
 	unsigned nworkers;		/* started (qmu) */

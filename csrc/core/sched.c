@@ -107,7 +107,6 @@ became_ready(dm_core *c, dm_sess *s)
 			u->deficit = QUANTUM_NS;
 		user_ring_add(c, u);
 	}
-	c->nready++;
 	pthread_cond_signal(&c->qcv);
 }
 
@@ -120,7 +119,6 @@ maybe_idle(dm_core *c, dm_sess *s)
 	if (!s->in_ring || has_work(s))
 		return;
 	sess_ring_del(u, s);
-	c->nready--;
 	if (u->shead == NULL)
 		user_ring_del(c, u);
 }
@@ -254,7 +252,7 @@ dm_sched_done(dm_core *c, struct dm_item *it, int64_t took_ns, bool unfinished)
 bool
 dm_sched_waiting(const dm_core *c)
 {
-	return c->nready > 0;
+	return c->rhead != NULL;	/* a user is on the ring while one of its sessions has work */
 }
 
 void
@@ -268,10 +266,5 @@ dm_sched_free_queued(dm_core *c, dm_sess *s)
 	}
 	s->rqtail = &s->rqhead;
 	s->pump_queued = false;
-	if (s->in_ring) {
-		sess_ring_del(s->user, s);
-		c->nready--;
-		if (s->user->shead == NULL)
-			user_ring_del(c, s->user);
-	}
+	maybe_idle(c, s);
 }
